@@ -1,0 +1,863 @@
+//! Configuration: one raw TOML shape (`RawConfig`, every key optional with a
+//! documented default) and one validated shape (`Config`) that the rest of the
+//! server reads. Environment variables override the file: ebuse's names (`PORT`,
+//! `API_KEY`, `DB_PATH`, `READ_TIMEOUT`, …) and `SHARDCAST_<SECTION>_<KEY>` for
+//! every key. Validation happens once at start; a bad value is one line naming
+//! the key.
+//!
+//! `tuning/default.toml` mirrors `Config::default()`; a test keeps them equal.
+
+use serde::Deserialize;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The embedded default configuration, also shipped as `tuning/default.toml`.
+pub const DEFAULT_TOML: &str = include_str!("../tuning/default.toml");
+
+/// A config error: the key it concerns and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "config error: {}: {}", self.key, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// `SQLite`'s `synchronous` setting, restricted to the two durable choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synchronous {
+    /// An acknowledged event survives a process crash (WAL fsynced at checkpoint).
+    Normal,
+    /// An acknowledged event also survives power loss (WAL fsynced every commit).
+    Full,
+}
+
+impl Synchronous {
+    pub fn pragma(self) -> &'static str {
+        match self {
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Validated configuration: every limit has its unit in its name or type.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub writer: WriterConfig,
+    pub api: ApiConfig,
+    pub auth: AuthConfig,
+    pub database: DatabaseConfig,
+    pub index: IndexConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Number of shard executors; resolved from the CPU count when 0 in the file.
+    pub shards: usize,
+    /// CPUs the shards are pinned to, one each (empty: no pinning).
+    pub shard_cpus: Vec<usize>,
+    pub backlog: i32,
+    pub max_body_bytes: usize,
+    pub max_header_bytes: usize,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    /// io_uring registered-buffer memory per shard; this box's memlock is 8 MiB.
+    pub io_memory_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    /// Most events one group commit takes.
+    pub batch_events_max: usize,
+    /// Append requests a shard may have queued for the writer before it sheds with 503.
+    pub queue_requests_max: usize,
+    /// Body bytes a shard may hold in queued append requests before it sheds with 503.
+    pub queue_bytes_max: usize,
+    /// CPU the writer thread is pinned to (None: not pinned).
+    pub cpu: Option<usize>,
+    /// Seconds a client is told to wait in `Retry-After` when shed.
+    pub retry_after_secs: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub batch_events_max: usize,
+    /// Bodies at least this large are parsed with simd-json (see benches/json_parse.rs).
+    pub simd_json_min_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// The key every request but `/health` must carry; None: no auth, loopback only.
+    pub api_key: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    pub path: PathBuf,
+    pub synchronous: Synchronous,
+    /// `PRAGMA cache_size` as SQLite reads it: negative is KiB, positive is pages.
+    pub cache_size: i64,
+    pub mmap_size_bytes: u64,
+    pub busy_timeout: Duration,
+    pub wal_autocheckpoint_pages: u32,
+    pub journal_size_limit_bytes: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct IndexConfig {
+    /// LMDB environment directory; empty in the file means `<database dir>/index`.
+    pub path: PathBuf,
+    pub map_size_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+// ---------------------------------------------------------------------------
+// Raw shape: what the TOML file and the environment may say.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub writer: RawWriter,
+    #[serde(default)]
+    pub api: RawApi,
+    #[serde(default)]
+    pub auth: RawAuth,
+    #[serde(default)]
+    pub database: RawDatabase,
+    #[serde(default)]
+    pub index: RawIndex,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<String>,
+    pub shards: Option<i64>,
+    pub backlog: Option<i64>,
+    pub max_body_bytes: Option<i64>,
+    pub max_header_bytes: Option<i64>,
+    pub read_timeout: Option<String>,
+    pub write_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub shutdown_timeout: Option<String>,
+    pub io_memory_bytes: Option<i64>,
+    pub pin_cpus: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWriter {
+    pub batch_events_max: Option<i64>,
+    pub queue_requests_max: Option<i64>,
+    pub queue_bytes_max: Option<i64>,
+    pub retry_after_secs: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApi {
+    pub batch_events_max: Option<i64>,
+    pub simd_json_min_bytes: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    pub api_key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDatabase {
+    pub path: Option<String>,
+    pub synchronous: Option<String>,
+    pub cache_size: Option<i64>,
+    pub mmap_size: Option<i64>,
+    pub busy_timeout: Option<String>,
+    pub wal_autocheckpoint: Option<i64>,
+    pub journal_size_limit: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIndex {
+    pub path: Option<String>,
+    pub map_size: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub level: Option<String>,
+    pub format: Option<String>,
+}
+
+/// Parse a duration the way ebuse's Go flags do (`30s`, `1m30s`, `500ms`, `2h`),
+/// plus a bare integer meaning seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("'{s}' lacks a unit (ns, us, ms, s, m, h)"))?;
+        if num_end == 0 {
+            return Err(format!("'{s}' is not a duration like 30s or 1m30s"));
+        }
+        let value: f64 = rest[..num_end]
+            .parse()
+            .map_err(|_| format!("'{s}' has a bad number"))?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let nanos_per = match &rest[..unit_end] {
+            "ns" => 1.0,
+            "us" | "µs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            u => return Err(format!("'{s}' has an unknown unit '{u}'")),
+        };
+        total += Duration::from_nanos((value * nanos_per) as u64);
+        rest = &rest[unit_end..];
+    }
+    Ok(total)
+}
+
+/// Where a value was set, for messages.
+fn raw_from_toml(text: &str, origin: &str) -> Result<RawConfig, ConfigError> {
+    toml::from_str::<RawConfig>(text).map_err(|e| {
+        let msg = e.message().to_string();
+        // toml reports the failing key path in its message for unknown fields;
+        // name the file so the operator knows where to look.
+        err(origin, msg.trim().to_string())
+    })
+}
+
+/// The environment lookup, injectable for tests.
+pub trait Env {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl Env for std::collections::HashMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        std::collections::HashMap::get(self, name).cloned()
+    }
+}
+
+/// Every key, as `section.key`; the env name is `SHARDCAST_SECTION_KEY`.
+pub const KEYS: &[(&str, &str)] = &[
+    ("server", "listen"),
+    ("server", "shards"),
+    ("server", "backlog"),
+    ("server", "max_body_bytes"),
+    ("server", "max_header_bytes"),
+    ("server", "read_timeout"),
+    ("server", "write_timeout"),
+    ("server", "idle_timeout"),
+    ("server", "shutdown_timeout"),
+    ("server", "io_memory_bytes"),
+    ("server", "pin_cpus"),
+    ("writer", "batch_events_max"),
+    ("writer", "queue_requests_max"),
+    ("writer", "queue_bytes_max"),
+    ("writer", "retry_after_secs"),
+    ("api", "batch_events_max"),
+    ("api", "simd_json_min_bytes"),
+    ("auth", "api_key"),
+    ("database", "path"),
+    ("database", "synchronous"),
+    ("database", "cache_size"),
+    ("database", "mmap_size"),
+    ("database", "busy_timeout"),
+    ("database", "wal_autocheckpoint"),
+    ("database", "journal_size_limit"),
+    ("index", "path"),
+    ("index", "map_size"),
+    ("log", "level"),
+    ("log", "format"),
+];
+
+/// ebuse's environment names and the key each one sets.
+pub const EBUSE_ENV: &[(&str, &str, &str)] = &[
+    ("API_KEY", "auth", "api_key"),
+    ("DB_PATH", "database", "path"),
+    ("READ_TIMEOUT", "server", "read_timeout"),
+    ("WRITE_TIMEOUT", "server", "write_timeout"),
+    ("IDLE_TIMEOUT", "server", "idle_timeout"),
+    ("SHUTDOWN_TIMEOUT", "server", "shutdown_timeout"),
+];
+
+fn set_raw(raw: &mut RawConfig, section: &str, key: &str, v: String) -> Result<(), ConfigError> {
+    let name = format!("{section}.{key}");
+    let int = |v: &str| -> Result<i64, ConfigError> {
+        v.trim()
+            .parse::<i64>()
+            .map_err(|_| err(&name, format!("'{v}' is not an integer")))
+    };
+    let boolean = |v: &str| -> Result<bool, ConfigError> {
+        match v.trim() {
+            "1" | "true" | "yes" | "on" => Ok(true),
+            "0" | "false" | "no" | "off" => Ok(false),
+            _ => Err(err(&name, format!("'{v}' is not a boolean"))),
+        }
+    };
+    match (section, key) {
+        ("server", "listen") => raw.server.listen = Some(v),
+        ("server", "shards") => raw.server.shards = Some(int(&v)?),
+        ("server", "backlog") => raw.server.backlog = Some(int(&v)?),
+        ("server", "max_body_bytes") => raw.server.max_body_bytes = Some(int(&v)?),
+        ("server", "max_header_bytes") => raw.server.max_header_bytes = Some(int(&v)?),
+        ("server", "read_timeout") => raw.server.read_timeout = Some(v),
+        ("server", "write_timeout") => raw.server.write_timeout = Some(v),
+        ("server", "idle_timeout") => raw.server.idle_timeout = Some(v),
+        ("server", "shutdown_timeout") => raw.server.shutdown_timeout = Some(v),
+        ("server", "io_memory_bytes") => raw.server.io_memory_bytes = Some(int(&v)?),
+        ("server", "pin_cpus") => raw.server.pin_cpus = Some(boolean(&v)?),
+        ("writer", "batch_events_max") => raw.writer.batch_events_max = Some(int(&v)?),
+        ("writer", "queue_requests_max") => raw.writer.queue_requests_max = Some(int(&v)?),
+        ("writer", "queue_bytes_max") => raw.writer.queue_bytes_max = Some(int(&v)?),
+        ("writer", "retry_after_secs") => raw.writer.retry_after_secs = Some(int(&v)?),
+        ("api", "batch_events_max") => raw.api.batch_events_max = Some(int(&v)?),
+        ("api", "simd_json_min_bytes") => raw.api.simd_json_min_bytes = Some(int(&v)?),
+        ("auth", "api_key") => raw.auth.api_key = Some(v),
+        ("database", "path") => raw.database.path = Some(v),
+        ("database", "synchronous") => raw.database.synchronous = Some(v),
+        ("database", "cache_size") => raw.database.cache_size = Some(int(&v)?),
+        ("database", "mmap_size") => raw.database.mmap_size = Some(int(&v)?),
+        ("database", "busy_timeout") => raw.database.busy_timeout = Some(v),
+        ("database", "wal_autocheckpoint") => raw.database.wal_autocheckpoint = Some(int(&v)?),
+        ("database", "journal_size_limit") => raw.database.journal_size_limit = Some(int(&v)?),
+        ("index", "path") => raw.index.path = Some(v),
+        ("index", "map_size") => raw.index.map_size = Some(int(&v)?),
+        ("log", "level") => raw.log.level = Some(v),
+        ("log", "format") => raw.log.format = Some(v),
+        _ => return Err(err(&name, "unknown key")),
+    }
+    Ok(())
+}
+
+/// Apply the environment on top of the file: ebuse's names first, then the
+/// `SHARDCAST_*` names, which are more specific and win.
+pub fn apply_env(raw: &mut RawConfig, env: &dyn Env) -> Result<(), ConfigError> {
+    for (var, section, key) in EBUSE_ENV {
+        if let Some(v) = env.get(var) {
+            set_raw(raw, section, key, v).map_err(|e| err(var, e.message))?;
+        }
+    }
+    if let Some(port) = env.get("PORT") {
+        let port: u16 = port
+            .trim()
+            .parse()
+            .map_err(|_| err("PORT", format!("'{port}' is not a port number")))?;
+        let host = raw
+            .server
+            .listen
+            .as_deref()
+            .and_then(|l| l.rsplit_once(':').map(|(h, _)| h.to_string()))
+            .unwrap_or_else(|| "127.0.0.1".to_string());
+        raw.server.listen = Some(format!("{host}:{port}"));
+    }
+    for (section, key) in KEYS {
+        let var = format!(
+            "SHARDCAST_{}_{}",
+            section.to_ascii_uppercase(),
+            key.to_ascii_uppercase()
+        );
+        if let Some(v) = env.get(&var) {
+            set_raw(raw, section, key, v).map_err(|e| err(&var, e.message))?;
+        }
+    }
+    Ok(())
+}
+
+impl Config {
+    /// The embedded default, with no environment applied.
+    pub fn default_config() -> Config {
+        Config::load(None, &std::collections::HashMap::new())
+            .expect("embedded default config is valid")
+    }
+
+    /// Load: embedded defaults, then the file (if any), then the environment.
+    pub fn load(file: Option<&std::path::Path>, env: &dyn Env) -> Result<Config, ConfigError> {
+        let mut raw = raw_from_toml(DEFAULT_TOML, "embedded default")?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| err("--config", format!("{}: {e}", path.display())))?;
+            let file_raw = raw_from_toml(&text, &path.display().to_string())?;
+            raw = raw.overlay(file_raw);
+        }
+        apply_env(&mut raw, env)?;
+        Config::validate(raw)
+    }
+
+    pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+        fn need<T>(v: Option<T>, key: &str) -> Result<T, ConfigError> {
+            v.ok_or_else(|| err(key, "missing (no default)"))
+        }
+        fn range(v: i64, key: &str, lo: i64, hi: i64) -> Result<i64, ConfigError> {
+            if v < lo || v > hi {
+                Err(err(key, format!("{v} is out of range {lo}..={hi}")))
+            } else {
+                Ok(v)
+            }
+        }
+        fn dur(v: Option<String>, key: &str) -> Result<Duration, ConfigError> {
+            let v = need(v, key)?;
+            parse_duration(&v).map_err(|m| err(key, m))
+        }
+        let s = raw.server;
+        let listen_s = need(s.listen, "server.listen")?;
+        let listen: SocketAddr = listen_s.parse().map_err(|_| {
+            err(
+                "server.listen",
+                format!("'{listen_s}' is not an address like 127.0.0.1:8080"),
+            )
+        })?;
+        let online = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let shards_raw =
+            range(need(s.shards, "server.shards")?, "server.shards", 0, 1024)? as usize;
+        // The writer takes the last CPU; shards get the rest, at least one.
+        let shards = if shards_raw == 0 {
+            online.saturating_sub(1).max(1)
+        } else {
+            shards_raw
+        };
+        let pin = s.pin_cpus.unwrap_or(true);
+        let (shard_cpus, writer_cpu) = if pin && online > 1 {
+            let writer_cpu = online - 1;
+            let cpus = (0..shards).map(|i| i % writer_cpu).collect();
+            (cpus, Some(writer_cpu))
+        } else if pin {
+            (vec![0; shards], Some(0))
+        } else {
+            (Vec::new(), None)
+        };
+        let server = ServerConfig {
+            listen,
+            shards,
+            shard_cpus,
+            backlog: range(
+                need(s.backlog, "server.backlog")?,
+                "server.backlog",
+                1,
+                1 << 20,
+            )? as i32,
+            max_body_bytes: range(
+                need(s.max_body_bytes, "server.max_body_bytes")?,
+                "server.max_body_bytes",
+                1024,
+                1 << 30,
+            )? as usize,
+            max_header_bytes: range(
+                need(s.max_header_bytes, "server.max_header_bytes")?,
+                "server.max_header_bytes",
+                1024,
+                1 << 20,
+            )? as usize,
+            read_timeout: dur(s.read_timeout, "server.read_timeout")?,
+            write_timeout: dur(s.write_timeout, "server.write_timeout")?,
+            idle_timeout: dur(s.idle_timeout, "server.idle_timeout")?,
+            shutdown_timeout: dur(s.shutdown_timeout, "server.shutdown_timeout")?,
+            io_memory_bytes: range(
+                need(s.io_memory_bytes, "server.io_memory_bytes")?,
+                "server.io_memory_bytes",
+                64 * 1024,
+                64 << 20,
+            )? as usize,
+        };
+        for (key, d) in [
+            ("server.read_timeout", server.read_timeout),
+            ("server.write_timeout", server.write_timeout),
+            ("server.idle_timeout", server.idle_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(err(key, "must be greater than zero"));
+            }
+        }
+        let w = raw.writer;
+        let writer = WriterConfig {
+            batch_events_max: range(
+                need(w.batch_events_max, "writer.batch_events_max")?,
+                "writer.batch_events_max",
+                1,
+                1_000_000,
+            )? as usize,
+            queue_requests_max: range(
+                need(w.queue_requests_max, "writer.queue_requests_max")?,
+                "writer.queue_requests_max",
+                1,
+                10_000_000,
+            )? as usize,
+            queue_bytes_max: range(
+                need(w.queue_bytes_max, "writer.queue_bytes_max")?,
+                "writer.queue_bytes_max",
+                1 << 20,
+                i64::MAX,
+            )? as usize,
+            cpu: writer_cpu,
+            retry_after_secs: range(
+                need(w.retry_after_secs, "writer.retry_after_secs")?,
+                "writer.retry_after_secs",
+                1,
+                3600,
+            )? as u32,
+        };
+        let a = raw.api;
+        let api = ApiConfig {
+            batch_events_max: range(
+                need(a.batch_events_max, "api.batch_events_max")?,
+                "api.batch_events_max",
+                1,
+                100_000,
+            )? as usize,
+            simd_json_min_bytes: range(
+                need(a.simd_json_min_bytes, "api.simd_json_min_bytes")?,
+                "api.simd_json_min_bytes",
+                0,
+                i64::MAX,
+            )? as usize,
+        };
+        if api.batch_events_max > writer.batch_events_max {
+            return Err(err(
+                "api.batch_events_max",
+                format!(
+                    "{} exceeds writer.batch_events_max {}: one request must fit one commit",
+                    api.batch_events_max, writer.batch_events_max
+                ),
+            ));
+        }
+        let auth = AuthConfig {
+            api_key: raw.auth.api_key.filter(|k| !k.is_empty()),
+        };
+        if let Some(k) = &auth.api_key {
+            if k.len() < 8 {
+                return Err(err("auth.api_key", "shorter than 8 characters"));
+            }
+        }
+        if auth.api_key.is_none() && !listen.ip().is_loopback() {
+            return Err(err(
+                "auth.api_key",
+                format!("no API key is set, so shardcast only listens on loopback; set API_KEY (or auth.api_key) to listen on {listen}"),
+            ));
+        }
+        let d = raw.database;
+        let path = PathBuf::from(need(d.path, "database.path")?);
+        if path.as_os_str().is_empty() {
+            return Err(err("database.path", "empty"));
+        }
+        let synchronous = match need(d.synchronous, "database.synchronous")?
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "normal" => Synchronous::Normal,
+            "full" => Synchronous::Full,
+            other => return Err(err(
+                "database.synchronous",
+                format!(
+                    "'{other}' is not one of normal, full (off would break the durability promise)"
+                ),
+            )),
+        };
+        let database = DatabaseConfig {
+            synchronous,
+            cache_size: need(d.cache_size, "database.cache_size")?,
+            mmap_size_bytes: range(
+                need(d.mmap_size, "database.mmap_size")?,
+                "database.mmap_size",
+                0,
+                i64::MAX,
+            )? as u64,
+            busy_timeout: dur(d.busy_timeout, "database.busy_timeout")?,
+            wal_autocheckpoint_pages: range(
+                need(d.wal_autocheckpoint, "database.wal_autocheckpoint")?,
+                "database.wal_autocheckpoint",
+                0,
+                i32::MAX as i64,
+            )? as u32,
+            journal_size_limit_bytes: range(
+                need(d.journal_size_limit, "database.journal_size_limit")?,
+                "database.journal_size_limit",
+                -1,
+                i64::MAX,
+            )?,
+            path,
+        };
+        let i = raw.index;
+        let index_path = match i.path.filter(|p| !p.is_empty()) {
+            Some(p) => PathBuf::from(p),
+            None => database
+                .path
+                .parent()
+                .map(|p| {
+                    if p.as_os_str().is_empty() {
+                        std::path::Path::new(".")
+                    } else {
+                        p
+                    }
+                })
+                .unwrap_or(std::path::Path::new("."))
+                .join("index"),
+        };
+        let index = IndexConfig {
+            path: index_path,
+            map_size_bytes: range(
+                need(i.map_size, "index.map_size")?,
+                "index.map_size",
+                1 << 20,
+                1 << 44,
+            )? as usize,
+        };
+        let l = raw.log;
+        let log = LogConfig {
+            level: need(l.level, "log.level")?,
+            format: match need(l.format, "log.format")?.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => {
+                    return Err(err(
+                        "log.format",
+                        format!("'{other}' is not one of text, json"),
+                    ))
+                }
+            },
+        };
+        tracing_subscriber::EnvFilter::try_new(&log.level)
+            .map_err(|e| err("log.level", format!("'{}': {e}", log.level)))?;
+        Ok(Config {
+            server,
+            writer,
+            api,
+            auth,
+            database,
+            index,
+            log,
+        })
+    }
+}
+
+impl RawConfig {
+    /// `other`'s set keys win over `self`'s.
+    fn overlay(self, other: RawConfig) -> RawConfig {
+        macro_rules! pick {
+            ($a:expr, $b:expr, $($f:ident),*) => {{ $( $a.$f = $b.$f.or($a.$f); )* }};
+        }
+        let mut out = self;
+        pick!(
+            out.server,
+            other.server,
+            listen,
+            shards,
+            backlog,
+            max_body_bytes,
+            max_header_bytes,
+            read_timeout,
+            write_timeout,
+            idle_timeout,
+            shutdown_timeout,
+            io_memory_bytes,
+            pin_cpus
+        );
+        pick!(
+            out.writer,
+            other.writer,
+            batch_events_max,
+            queue_requests_max,
+            queue_bytes_max,
+            retry_after_secs
+        );
+        pick!(out.api, other.api, batch_events_max, simd_json_min_bytes);
+        pick!(out.auth, other.auth, api_key);
+        pick!(
+            out.database,
+            other.database,
+            path,
+            synchronous,
+            cache_size,
+            mmap_size,
+            busy_timeout,
+            wal_autocheckpoint,
+            journal_size_limit
+        );
+        pick!(out.index, other.index, path, map_size);
+        pick!(out.log, other.log, level, format);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn durations_parse_like_go() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
+        assert!(parse_duration("10 parsecs").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn embedded_default_is_what_the_docs_say() {
+        let c = Config::default_config();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.server.max_body_bytes, 10 * 1024 * 1024);
+        assert_eq!(c.server.read_timeout, Duration::from_secs(30));
+        assert_eq!(c.server.write_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(120));
+        assert_eq!(c.server.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(c.api.batch_events_max, 1000);
+        assert_eq!(c.database.synchronous, Synchronous::Normal);
+        assert_eq!(c.database.path, PathBuf::from("./data/events.db"));
+        assert_eq!(c.index.path, PathBuf::from("./data/index"));
+        assert!(c.auth.api_key.is_none());
+        assert!(c.server.shards >= 1);
+    }
+
+    #[test]
+    fn ebuse_env_names_override() {
+        let c = Config::load(
+            None,
+            &env(&[
+                ("PORT", "9999"),
+                ("API_KEY", "0123456789abcdef"),
+                ("DB_PATH", "/tmp/x/events.db"),
+                ("READ_TIMEOUT", "5s"),
+                ("SHUTDOWN_TIMEOUT", "1m"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:9999");
+        assert_eq!(c.auth.api_key.as_deref(), Some("0123456789abcdef"));
+        assert_eq!(c.database.path, PathBuf::from("/tmp/x/events.db"));
+        assert_eq!(c.index.path, PathBuf::from("/tmp/x/index"));
+        assert_eq!(c.server.read_timeout, Duration::from_secs(5));
+        assert_eq!(c.server.shutdown_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn shardcast_env_names_cover_every_key_and_win() {
+        let c = Config::load(
+            None,
+            &env(&[
+                ("DB_PATH", "/a/events.db"),
+                ("SHARDCAST_DATABASE_PATH", "/b/events.db"),
+                ("SHARDCAST_WRITER_BATCH_EVENTS_MAX", "5000"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.database.path, PathBuf::from("/b/events.db"));
+        assert_eq!(c.writer.batch_events_max, 5000);
+        // Every documented key is settable from the environment.
+        for (section, key) in KEYS {
+            let mut raw = RawConfig::default();
+            let v = match *key {
+                "pin_cpus" => "true",
+                "listen" => "127.0.0.1:1",
+                "synchronous" => "full",
+                "format" => "json",
+                k if k.ends_with("timeout") => "1s",
+                "path" | "api_key" | "level" => "x",
+                _ => "1",
+            };
+            set_raw(&mut raw, section, key, v.to_string()).unwrap();
+        }
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = Config::load(None, &env(&[("SHARDCAST_SERVER_BACKLOG", "lots")])).unwrap_err();
+        assert_eq!(e.key, "SHARDCAST_SERVER_BACKLOG");
+        let e = Config::load(None, &env(&[("SHARDCAST_DATABASE_SYNCHRONOUS", "off")])).unwrap_err();
+        assert_eq!(e.key, "database.synchronous");
+        let e = Config::load(None, &env(&[("READ_TIMEOUT", "soon")])).unwrap_err();
+        assert_eq!(e.key, "READ_TIMEOUT");
+        let e =
+            Config::load(None, &env(&[("SHARDCAST_SERVER_LISTEN", "0.0.0.0:8080")])).unwrap_err();
+        assert_eq!(e.key, "auth.api_key");
+        assert!(e.to_string().contains("loopback"));
+        let e = raw_from_toml("[server]\nlisten_on = 1\n", "f.toml").unwrap_err();
+        assert!(e.message.contains("listen_on"), "{e}");
+    }
+
+    #[test]
+    fn public_bind_with_key_is_allowed() {
+        let c = Config::load(
+            None,
+            &env(&[
+                ("SHARDCAST_SERVER_LISTEN", "0.0.0.0:8080"),
+                ("API_KEY", "a-long-enough-key"),
+            ]),
+        )
+        .unwrap();
+        assert!(!c.server.listen.ip().is_loopback());
+    }
+}

@@ -1,0 +1,716 @@
+//! Events as they travel the data path: parsed and validated on the shard that
+//! received them (`NewEvent`), positioned by the writer (`Event`), and encoded
+//! back to JSON for responses.
+//!
+//! `data` and `metadata` are kept as the exact bytes the client sent: a client
+//! reads back what it wrote, byte for byte. Two parsers produce the same
+//! result: serde_json with `RawValue` (faster on small bodies) and simd-json
+//! validation plus a span scanner over the validated bytes (faster on large
+//! bodies); `benches/json_parse.rs` measures both and `api.simd_json_min_bytes`
+//! picks the switch-over.
+
+use crate::limits::{EVENT_ID_BYTES_MAX, EVENT_TYPE_BYTES_MAX, STREAM_NAME_BYTES_MAX};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+/// An event that has been validated but not yet stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub id: String,
+    pub event_type: String,
+    /// Raw JSON bytes of `data` (`null` when absent).
+    pub data: Vec<u8>,
+    /// RFC 3339 in UTC, as stored and returned.
+    pub timestamp: String,
+    pub stream: Option<String>,
+    pub expected_version: Option<u64>,
+    /// Raw JSON bytes of `metadata`, when given.
+    pub metadata: Option<Vec<u8>>,
+}
+
+/// A stored event: a `NewEvent` with the place the writer gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub position: u64,
+    pub stream_version: Option<u64>,
+    pub new: NewEvent,
+}
+
+/// Why a body was refused; each maps to a 400 with this code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+fn bad(code: &'static str, message: impl Into<String>) -> EventError {
+    EventError {
+        code,
+        message: message.into(),
+    }
+}
+
+/// Per-shard source of ids and wall-clock time for events that bring neither.
+pub struct Stamp {
+    ids: crate::ids::IdGen,
+    now: Option<String>,
+}
+
+impl Stamp {
+    pub fn new(ids: crate::ids::IdGen) -> Stamp {
+        Stamp { ids, now: None }
+    }
+    /// The request's timestamp, computed once per request and shared by all its events.
+    fn now(&mut self) -> String {
+        self.now
+            .get_or_insert_with(|| format_timestamp(OffsetDateTime::now_utc()))
+            .clone()
+    }
+    fn next_id(&mut self) -> String {
+        self.ids.next_string()
+    }
+    fn end_request(&mut self) {
+        self.now = None;
+    }
+}
+
+pub fn format_timestamp(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_string())
+}
+
+/// The fields of one event as found in the body, borrowed where possible.
+#[derive(Default)]
+struct Fields<'a> {
+    event_type: Option<Cow<'a, str>>,
+    data: Option<&'a [u8]>,
+    timestamp: Option<Cow<'a, str>>,
+    id: Option<Cow<'a, str>>,
+    stream: Option<Cow<'a, str>>,
+    expected_version: Option<u64>,
+    metadata: Option<&'a [u8]>,
+}
+
+impl<'a> Fields<'a> {
+    fn validate(self, stamp: &mut Stamp) -> Result<NewEvent, EventError> {
+        let event_type = match self.event_type {
+            None => return Err(bad("missing_type", "event 'type' is required")),
+            Some(t) if t.trim().is_empty() => {
+                return Err(bad("empty_type", "event 'type' must not be empty"))
+            }
+            Some(t) if t.len() > EVENT_TYPE_BYTES_MAX => {
+                return Err(bad(
+                    "type_too_long",
+                    format!("event 'type' is longer than {EVENT_TYPE_BYTES_MAX} bytes"),
+                ))
+            }
+            Some(t) => t.into_owned(),
+        };
+        let timestamp = match self.timestamp {
+            None => stamp.now(),
+            Some(ts) => {
+                let parsed = OffsetDateTime::parse(&ts, &Rfc3339).map_err(|_| {
+                    bad("invalid_timestamp", format!("'timestamp' {ts:?} is not an RFC 3339 date-time such as 2024-01-01T12:00:00Z"))
+                })?;
+                // Go's zero time is what ebuse's client sends when the caller set none.
+                if parsed.year() == 1
+                    && parsed.ordinal() == 1
+                    && parsed.unix_timestamp() == GO_ZERO_UNIX
+                {
+                    stamp.now()
+                } else {
+                    format_timestamp(parsed.to_offset(time::UtcOffset::UTC))
+                }
+            }
+        };
+        let id = match self.id {
+            None => stamp.next_id(),
+            Some(id) if id.is_empty() => stamp.next_id(),
+            Some(id) if id.len() > EVENT_ID_BYTES_MAX => {
+                return Err(bad(
+                    "id_too_long",
+                    format!("event 'id' is longer than {EVENT_ID_BYTES_MAX} bytes"),
+                ))
+            }
+            Some(id) => id.into_owned(),
+        };
+        let stream = match self.stream {
+            None => None,
+            Some(s) if s.is_empty() => None,
+            Some(s) if s.len() > STREAM_NAME_BYTES_MAX => {
+                return Err(bad(
+                    "stream_too_long",
+                    format!("'stream' is longer than {STREAM_NAME_BYTES_MAX} bytes"),
+                ))
+            }
+            Some(s) => Some(s.into_owned()),
+        };
+        if self.expected_version.is_some() && stream.is_none() {
+            return Err(bad(
+                "expected_version_without_stream",
+                "'expected_version' needs a 'stream'",
+            ));
+        }
+        Ok(NewEvent {
+            id,
+            event_type,
+            data: self.data.unwrap_or(b"null").to_vec(),
+            timestamp,
+            stream,
+            expected_version: self.expected_version,
+            metadata: self.metadata.map(|m| m.to_vec()),
+        })
+    }
+}
+
+/// `0001-01-01T00:00:00Z` in Unix seconds.
+const GO_ZERO_UNIX: i64 = -62_135_596_800;
+
+// ---------------------------------------------------------------------------
+// serde_json path
+
+#[derive(Deserialize)]
+struct SerdeEvent<'a> {
+    #[serde(rename = "type", borrow, default)]
+    event_type: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    timestamp: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    stream: Option<Cow<'a, str>>,
+    #[serde(default)]
+    expected_version: Option<u64>,
+    #[serde(borrow, default)]
+    metadata: Option<&'a RawValue>,
+}
+
+impl<'a> From<SerdeEvent<'a>> for Fields<'a> {
+    fn from(e: SerdeEvent<'a>) -> Fields<'a> {
+        Fields {
+            event_type: e.event_type,
+            data: e.data.map(|r| r.get().as_bytes()),
+            timestamp: e.timestamp,
+            id: e.id,
+            stream: e.stream,
+            expected_version: e.expected_version,
+            metadata: e.metadata.map(|r| r.get().as_bytes()),
+        }
+    }
+}
+
+fn json_error(e: impl std::fmt::Display) -> EventError {
+    bad(
+        "invalid_json",
+        format!("request body is not valid JSON for an event: {e}"),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// simd-json path: validate with simd-json, then pick spans out of the original
+// bytes with a scanner that may assume the document is well-formed.
+
+struct Scan<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Scan<'a> {
+    fn ws(&mut self) {
+        while let Some(c) = self.b.get(self.i) {
+            if matches!(c, b' ' | b'\n' | b'\r' | b'\t') {
+                self.i += 1;
+            } else {
+                break;
+            }
+        }
+    }
+    fn peek(&mut self) -> Option<u8> {
+        self.ws();
+        self.b.get(self.i).copied()
+    }
+    fn eat(&mut self, c: u8) -> bool {
+        if self.peek() == Some(c) {
+            self.i += 1;
+            true
+        } else {
+            false
+        }
+    }
+    /// Skip a string starting at its opening quote; returns the span with quotes
+    /// and whether it holds an escape.
+    fn string(&mut self) -> (usize, usize, bool) {
+        let start = self.i;
+        self.i += 1;
+        let mut escaped = false;
+        loop {
+            // Valid JSON: a closing quote exists.
+            match memchr2(b'"', b'\\', &self.b[self.i..]) {
+                Some(off) => {
+                    self.i += off;
+                    if self.b[self.i] == b'\\' {
+                        escaped = true;
+                        self.i += 2;
+                    } else {
+                        self.i += 1;
+                        return (start, self.i, escaped);
+                    }
+                }
+                None => {
+                    self.i = self.b.len();
+                    return (start, self.i, escaped);
+                }
+            }
+        }
+    }
+    /// Skip one value; returns its span.
+    fn value(&mut self) -> (usize, usize) {
+        self.ws();
+        let start = self.i;
+        match self.b.get(self.i) {
+            Some(b'"') => {
+                let (s, e, _) = self.string();
+                return (s, e);
+            }
+            Some(b'{') | Some(b'[') => {
+                let mut depth = 0usize;
+                while self.i < self.b.len() {
+                    match self.b[self.i] {
+                        b'"' => {
+                            self.string();
+                            continue;
+                        }
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                self.i += 1;
+                                return (start, self.i);
+                            }
+                        }
+                        _ => {}
+                    }
+                    self.i += 1;
+                }
+            }
+            _ => {
+                while let Some(c) = self.b.get(self.i) {
+                    if matches!(c, b',' | b'}' | b']' | b' ' | b'\n' | b'\r' | b'\t') {
+                        break;
+                    }
+                    self.i += 1;
+                }
+            }
+        }
+        (start, self.i)
+    }
+
+    fn object(&mut self) -> Result<Fields<'a>, EventError> {
+        if !self.eat(b'{') {
+            return Err(bad("invalid_event", "each event must be a JSON object"));
+        }
+        let mut f = Fields::default();
+        let mut seen = 0u8;
+        if self.eat(b'}') {
+            return Ok(f);
+        }
+        loop {
+            self.ws();
+            let (ks, ke, kesc) = self.string();
+            let key: Cow<'a, str> = decode_str(&self.b[ks..ke], kesc)?;
+            if !self.eat(b':') {
+                return Err(json_error("expected ':'"));
+            }
+            let (vs, ve) = self.value();
+            let v = &self.b[vs..ve];
+            let bit = match key.as_ref() {
+                "type" => 1,
+                "data" => 2,
+                "timestamp" => 4,
+                "id" => 8,
+                "stream" => 16,
+                "expected_version" => 32,
+                "metadata" => 64,
+                _ => 0,
+            };
+            if bit != 0 {
+                if seen & bit != 0 {
+                    return Err(json_error(format_args!("duplicate field `{key}`")));
+                }
+                seen |= bit;
+                let is_null = v == b"null";
+                match bit {
+                    1 => f.event_type = opt_str(v, is_null, "type")?,
+                    2 => f.data = (!is_null).then_some(v),
+                    4 => f.timestamp = opt_str(v, is_null, "timestamp")?,
+                    8 => f.id = opt_str(v, is_null, "id")?,
+                    16 => f.stream = opt_str(v, is_null, "stream")?,
+                    32 => {
+                        f.expected_version = if is_null {
+                            None
+                        } else {
+                            Some(
+                                std::str::from_utf8(v)
+                                    .ok()
+                                    .and_then(|s| s.parse::<u64>().ok())
+                                    .ok_or_else(|| {
+                                        json_error(
+                                            "invalid type for `expected_version`, expected u64",
+                                        )
+                                    })?,
+                            )
+                        }
+                    }
+                    _ => f.metadata = (!is_null).then_some(v),
+                }
+            }
+            if self.eat(b',') {
+                continue;
+            }
+            if self.eat(b'}') {
+                return Ok(f);
+            }
+            return Err(json_error("expected ',' or '}'"));
+        }
+    }
+}
+
+fn memchr2(a: u8, b: u8, hay: &[u8]) -> Option<usize> {
+    hay.iter().position(|&c| c == a || c == b)
+}
+
+fn decode_str(quoted: &[u8], escaped: bool) -> Result<Cow<'_, str>, EventError> {
+    if quoted.len() < 2 || quoted[0] != b'"' {
+        return Err(json_error("expected a string"));
+    }
+    if !escaped {
+        // simd-json validated UTF-8 already; from_utf8 keeps this safe regardless.
+        return std::str::from_utf8(&quoted[1..quoted.len() - 1])
+            .map(Cow::Borrowed)
+            .map_err(json_error);
+    }
+    serde_json::from_slice::<String>(quoted)
+        .map(Cow::Owned)
+        .map_err(json_error)
+}
+
+fn opt_str<'a>(
+    v: &'a [u8],
+    is_null: bool,
+    field: &str,
+) -> Result<Option<Cow<'a, str>>, EventError> {
+    if is_null {
+        return Ok(None);
+    }
+    if v.first() != Some(&b'"') {
+        return Err(json_error(format_args!(
+            "invalid type for `{field}`, expected a string"
+        )));
+    }
+    let esc = v.contains(&b'\\');
+    decode_str(v, esc).map(Some)
+}
+
+fn simd_validate(body: &[u8]) -> Result<(), EventError> {
+    let mut copy = body.to_vec();
+    simd_json::to_tape(&mut copy)
+        .map(|_| ())
+        .map_err(json_error)
+}
+
+// ---------------------------------------------------------------------------
+// Entry points
+
+/// Which parser to use for a body of this size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parser {
+    Serde,
+    Simd,
+}
+
+impl Parser {
+    pub fn for_len(len: usize, simd_min_bytes: usize) -> Parser {
+        if len >= simd_min_bytes {
+            Parser::Simd
+        } else {
+            Parser::Serde
+        }
+    }
+}
+
+/// Parse and validate the body of `POST /events`.
+pub fn parse_one(body: &[u8], parser: Parser, stamp: &mut Stamp) -> Result<NewEvent, EventError> {
+    let r = match parser {
+        Parser::Serde => {
+            let e: SerdeEvent = serde_json::from_slice(body).map_err(json_error)?;
+            Fields::from(e).validate(stamp)
+        }
+        Parser::Simd => {
+            simd_validate(body)?;
+            let mut s = Scan { b: body, i: 0 };
+            let f = s.object()?;
+            f.validate(stamp)
+        }
+    };
+    stamp.end_request();
+    r
+}
+
+/// Parse and validate the body of `POST /events/batch`: all events or an error
+/// naming the first bad one.
+pub fn parse_batch(
+    body: &[u8],
+    parser: Parser,
+    max: usize,
+    stamp: &mut Stamp,
+) -> Result<Vec<NewEvent>, EventError> {
+    let r = parse_batch_inner(body, parser, max, stamp);
+    stamp.end_request();
+    r
+}
+
+fn parse_batch_inner(
+    body: &[u8],
+    parser: Parser,
+    max: usize,
+    stamp: &mut Stamp,
+) -> Result<Vec<NewEvent>, EventError> {
+    let too_many = |n: usize| {
+        bad(
+            "batch_too_large",
+            format!("batch has {n} events; at most {max} are allowed"),
+        )
+    };
+    let at = |i: usize, e: EventError| EventError {
+        code: e.code,
+        message: format!("event {i}: {}", e.message),
+    };
+    match parser {
+        Parser::Serde => {
+            let raw: Vec<SerdeEvent> = serde_json::from_slice(body).map_err(|e| {
+                bad(
+                    "invalid_json",
+                    format!("request body is not a valid JSON array of events: {e}"),
+                )
+            })?;
+            check_count(raw.len(), max).map_err(|_| too_many(raw.len()))?;
+            raw.into_iter()
+                .enumerate()
+                .map(|(i, e)| Fields::from(e).validate(stamp).map_err(|err| at(i, err)))
+                .collect()
+        }
+        Parser::Simd => {
+            simd_validate(body)?;
+            let mut s = Scan { b: body, i: 0 };
+            if !s.eat(b'[') {
+                return Err(bad(
+                    "invalid_json",
+                    "request body must be a JSON array of events",
+                ));
+            }
+            let mut fields = Vec::new();
+            if !s.eat(b']') {
+                loop {
+                    fields.push(s.object().map_err(|e| at(fields.len(), e))?);
+                    if fields.len() > max {
+                        // Keep counting without keeping: the answer names the size.
+                        let mut n = fields.len();
+                        while s.eat(b',') {
+                            s.value();
+                            n += 1;
+                        }
+                        return Err(too_many(n));
+                    }
+                    if s.eat(b',') {
+                        continue;
+                    }
+                    if s.eat(b']') {
+                        break;
+                    }
+                    return Err(json_error("expected ',' or ']'"));
+                }
+            }
+            check_count(fields.len(), max).map_err(|_| too_many(fields.len()))?;
+            fields
+                .into_iter()
+                .enumerate()
+                .map(|(i, f)| f.validate(stamp).map_err(|err| at(i, err)))
+                .collect()
+        }
+    }
+}
+
+fn check_count(n: usize, max: usize) -> Result<(), EventError> {
+    if n == 0 {
+        return Err(bad("empty_batch", "batch must hold at least one event"));
+    }
+    if n > max {
+        return Err(bad("batch_too_large", ""));
+    }
+    Ok(())
+}
+
+/// Append `s` as a JSON string.
+pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    // Writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// Append the stored event as the JSON object ebuse's client decodes, plus
+/// shardcast's additive fields.
+pub fn encode_event(out: &mut Vec<u8>, e: &Event, duplicate: bool) {
+    let mut buf = itoa::Buffer::new();
+    out.extend_from_slice(b"{\"position\":");
+    out.extend_from_slice(buf.format(e.position).as_bytes());
+    out.extend_from_slice(b",\"type\":");
+    push_json_str(out, &e.new.event_type);
+    out.extend_from_slice(b",\"data\":");
+    out.extend_from_slice(&e.new.data);
+    out.extend_from_slice(b",\"timestamp\":\"");
+    out.extend_from_slice(e.new.timestamp.as_bytes());
+    out.extend_from_slice(b"\",\"id\":");
+    push_json_str(out, &e.new.id);
+    if let Some(stream) = &e.new.stream {
+        out.extend_from_slice(b",\"stream\":");
+        push_json_str(out, stream);
+        out.extend_from_slice(b",\"stream_version\":");
+        out.extend_from_slice(buf.format(e.stream_version.unwrap_or(0)).as_bytes());
+    }
+    if let Some(m) = &e.new.metadata {
+        out.extend_from_slice(b",\"metadata\":");
+        out.extend_from_slice(m);
+    }
+    if duplicate {
+        out.extend_from_slice(b",\"duplicate\":true");
+    }
+    out.push(b'}');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp() -> Stamp {
+        Stamp::new(crate::ids::IdGen::new())
+    }
+
+    fn both<T: std::fmt::Debug + PartialEq>(f: impl Fn(Parser) -> T) -> T {
+        let a = f(Parser::Serde);
+        let b = f(Parser::Simd);
+        assert_eq!(a, b, "serde_json and simd-json paths disagree");
+        a
+    }
+
+    #[test]
+    fn data_is_kept_byte_for_byte_on_both_paths() {
+        let body = br#"{"type":"order.placed","data":{ "b" : [1, 2.50, "x\"y"], "a":1e3 },"id":"e-1","timestamp":"2024-01-02T03:04:05.123+02:00","metadata":{"k":"v"}}"#;
+        let e = both(|p| parse_one(body, p, &mut stamp()).unwrap());
+        assert_eq!(e.data, br#"{ "b" : [1, 2.50, "x\"y"], "a":1e3 }"#.to_vec());
+        assert_eq!(e.event_type, "order.placed");
+        assert_eq!(e.id, "e-1");
+        assert_eq!(e.timestamp, "2024-01-02T01:04:05.123Z");
+        assert_eq!(e.metadata.as_deref(), Some(&br#"{"k":"v"}"#[..]));
+    }
+
+    #[test]
+    fn ebuse_client_body_is_accepted() {
+        // What Go's json.Marshal makes of ebuse's StoredEvent with only Type and Data set.
+        let body = br#"{"position":0,"type":"user.created","data":{"name":"x"},"timestamp":"0001-01-01T00:00:00Z"}"#;
+        let e = both(|p| {
+            let mut e = parse_one(body, p, &mut stamp()).unwrap();
+            e.id.clear();
+            e.timestamp.truncate(2);
+            e
+        });
+        assert_eq!(e.data, br#"{"name":"x"}"#.to_vec());
+        assert_eq!(e.timestamp, "20"); // replaced by now, not year 1
+    }
+
+    #[test]
+    fn escaped_strings_are_decoded() {
+        let body = br#"{"type":"a\u00e9\n","stream":"s\/1","data":null}"#;
+        let e = both(|p| parse_one(body, p, &mut stamp()).unwrap().event_type);
+        assert_eq!(e, "a\u{e9}\n");
+    }
+
+    #[test]
+    fn errors_have_codes() {
+        let code = |b: &[u8]| both(|p| parse_one(b, p, &mut stamp()).unwrap_err().code);
+        assert_eq!(code(b"{"), "invalid_json");
+        assert_eq!(code(br#"{"data":1}"#), "missing_type");
+        assert_eq!(code(br#"{"type":"  "}"#), "empty_type");
+        assert_eq!(
+            code(br#"{"type":"a","timestamp":"yesterday"}"#),
+            "invalid_timestamp"
+        );
+        assert_eq!(
+            code(br#"{"type":"a","expected_version":-1,"stream":"s"}"#),
+            "invalid_json"
+        );
+        assert_eq!(
+            code(br#"{"type":"a","expected_version":1}"#),
+            "expected_version_without_stream"
+        );
+        assert_eq!(code(br#"{"type":1}"#), "invalid_json");
+        assert_eq!(code(br#"[]"#), "invalid_json");
+        let long = format!(r#"{{"type":"{}"}}"#, "x".repeat(EVENT_TYPE_BYTES_MAX + 1));
+        assert_eq!(code(long.as_bytes()), "type_too_long");
+    }
+
+    #[test]
+    fn batches_parse_and_count() {
+        let body = br#"[{"type":"a","data":1},{"type":"b","data":[1,{"c":"]"}]}]"#;
+        let v = both(|p| {
+            parse_batch(body, p, 1000, &mut stamp())
+                .unwrap()
+                .into_iter()
+                .map(|e| e.data)
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(v, vec![b"1".to_vec(), br#"[1,{"c":"]"}]"#.to_vec()]);
+        let code = |b: &[u8], max| both(|p| parse_batch(b, p, max, &mut stamp()).unwrap_err().code);
+        assert_eq!(code(b"[]", 10), "empty_batch");
+        assert_eq!(
+            code(br#"[{"type":"a"},{"type":"b"},{"type":"c"}]"#, 2),
+            "batch_too_large"
+        );
+        assert_eq!(code(br#"[{"type":"a"},{"data":1}]"#, 10), "missing_type");
+        assert_eq!(code(br#"{"type":"a"}"#, 10), "invalid_json");
+    }
+
+    #[test]
+    fn events_in_one_request_share_a_timestamp_and_get_distinct_ids() {
+        let body = br#"[{"type":"a"},{"type":"b"}]"#;
+        let v = parse_batch(body, Parser::Serde, 10, &mut stamp()).unwrap();
+        assert_eq!(v[0].timestamp, v[1].timestamp);
+        assert_ne!(v[0].id, v[1].id);
+        assert_eq!(v[0].id.len(), 36);
+    }
+
+    #[test]
+    fn encoding_round_trips_through_serde() {
+        let e = Event {
+            position: 7,
+            stream_version: Some(3),
+            new: parse_one(
+                br#"{"type":"t\"q","data":{"x":1},"stream":"s","id":"i"}"#,
+                Parser::Serde,
+                &mut stamp(),
+            )
+            .unwrap(),
+        };
+        let mut out = Vec::new();
+        encode_event(&mut out, &e, true);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["position"], 7);
+        assert_eq!(v["type"], "t\"q");
+        assert_eq!(v["data"]["x"], 1);
+        assert_eq!(v["stream_version"], 3);
+        assert_eq!(v["duplicate"], true);
+    }
+}

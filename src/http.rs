@@ -1,0 +1,661 @@
+//! HTTP/1.1 on one connection: read, parse heads with httparse, read bodies by
+//! Content-Length, hand each request to `route`, and write every answer that is
+//! ready in one write. Keep-alive is the default; pipelined requests are
+//! answered in order; errors are JSON (`{"error":{"code","message"}}`).
+//!
+//! Timeouts: `server.idle_timeout` while waiting for a request to start,
+//! `server.read_timeout` for a started request to arrive whole (a deadline, not
+//! per read, so a trickling client is cut off), `server.write_timeout` per write.
+
+use crate::limits::{CONN_BUFFER_KEEP_BYTES, CONN_READ_BUFFER_BYTES, REQUEST_HEADERS_MAX};
+use crate::route;
+use crate::shard::Shard;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use std::io;
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Head,
+    Post,
+    Put,
+    Delete,
+    Patch,
+    Options,
+    Other,
+}
+
+impl Method {
+    fn parse(m: &str) -> Method {
+        match m {
+            "GET" => Method::Get,
+            "HEAD" => Method::Head,
+            "POST" => Method::Post,
+            "PUT" => Method::Put,
+            "DELETE" => Method::Delete,
+            "PATCH" => Method::Patch,
+            "OPTIONS" => Method::Options,
+            _ => Method::Other,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContentType {
+    Missing,
+    Json,
+    Other,
+}
+
+/// What the router needs of a request head; ranges point into the read buffer.
+#[derive(Debug, Clone)]
+pub struct RequestHead {
+    pub method: Method,
+    pub path: Range<usize>,
+    pub query: Range<usize>,
+    pub head_len: usize,
+    pub content_length: Option<usize>,
+    pub chunked: bool,
+    pub keep_alive: bool,
+    pub expect_continue: bool,
+    pub content_type: ContentType,
+    /// `X-API-Key`, or the token of `Authorization: Bearer`.
+    pub api_key: Option<Range<usize>>,
+}
+
+/// An error answer. `close` ends the connection after it is written.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+    pub allow: Option<&'static str>,
+    pub retry_after_secs: Option<u32>,
+    pub close: bool,
+    /// Extra members of the `error` object (already JSON-encoded `"k":v` pairs).
+    pub extra_json: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            allow: None,
+            retry_after_secs: None,
+            close: false,
+            extra_json: None,
+        }
+    }
+    pub fn closing(mut self) -> ApiError {
+        self.close = true;
+        self
+    }
+    pub fn write(&self, out: &mut Vec<u8>, keep_alive: bool) {
+        let mut body = Vec::with_capacity(64 + self.message.len());
+        body.extend_from_slice(b"{\"error\":{\"code\":");
+        crate::event::push_json_str(&mut body, self.code);
+        body.extend_from_slice(b",\"message\":");
+        crate::event::push_json_str(&mut body, &self.message);
+        if let Some(extra) = &self.extra_json {
+            body.push(b',');
+            body.extend_from_slice(extra.as_bytes());
+        }
+        body.extend_from_slice(b"}}");
+        let mut extra: Vec<(&str, String)> = Vec::new();
+        if let Some(a) = self.allow {
+            extra.push(("Allow", a.to_string()));
+        }
+        if let Some(s) = self.retry_after_secs {
+            extra.push(("Retry-After", s.to_string()));
+        }
+        if self.status == 401 {
+            extra.push(("WWW-Authenticate", "Bearer".to_string()));
+        }
+        write_response(
+            out,
+            self.status,
+            JSON,
+            &extra,
+            &body,
+            keep_alive && !self.close,
+        );
+    }
+}
+
+pub const JSON: &str = "application/json";
+
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        415 => "Unsupported Media Type",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        505 => "HTTP Version Not Supported",
+        507 => "Insufficient Storage",
+        _ => "Unknown",
+    }
+}
+
+/// Append a whole response: status line, headers, body.
+pub fn write_response(
+    out: &mut Vec<u8>,
+    status: u16,
+    content_type: &str,
+    extra: &[(&str, String)],
+    body: &[u8],
+    keep_alive: bool,
+) {
+    let mut n = itoa::Buffer::new();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(n.format(status).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(reason(status).as_bytes());
+    out.extend_from_slice(b"\r\nServer: shardcast\r\nContent-Type: ");
+    out.extend_from_slice(content_type.as_bytes());
+    out.extend_from_slice(b"\r\nContent-Length: ");
+    out.extend_from_slice(n.format(body.len()).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (k, v) in extra {
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+}
+
+pub enum Parsed {
+    Complete(RequestHead),
+    Partial,
+    Invalid(ApiError),
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    let s = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let e = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map(|i| i + 1)
+        .unwrap_or(s);
+    &b[s..e.max(s)]
+}
+
+/// Where `part`, a subslice of `base`, sits in it.
+fn range_of(base: &[u8], part: &[u8]) -> Range<usize> {
+    if part.is_empty() {
+        return 0..0;
+    }
+    let start = part.as_ptr() as usize - base.as_ptr() as usize;
+    debug_assert!(start + part.len() <= base.len());
+    start..start + part.len()
+}
+
+/// Parse one request head at the start of `buf`.
+pub fn parse_head(buf: &[u8], max_header_bytes: usize) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; REQUEST_HEADERS_MAX];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            if buf.len() > max_header_bytes {
+                return Parsed::Invalid(
+                    ApiError::new(
+                        431,
+                        "headers_too_large",
+                        format!("request head exceeds {max_header_bytes} bytes"),
+                    )
+                    .closing(),
+                );
+            }
+            return Parsed::Partial;
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Parsed::Invalid(
+                ApiError::new(
+                    431,
+                    "too_many_headers",
+                    format!("more than {REQUEST_HEADERS_MAX} headers"),
+                )
+                .closing(),
+            )
+        }
+        Err(e) => {
+            return Parsed::Invalid(
+                ApiError::new(
+                    400,
+                    "malformed_request",
+                    format!("malformed HTTP request: {e}"),
+                )
+                .closing(),
+            )
+        }
+    };
+    if head_len > max_header_bytes {
+        return Parsed::Invalid(
+            ApiError::new(
+                431,
+                "headers_too_large",
+                format!("request head exceeds {max_header_bytes} bytes"),
+            )
+            .closing(),
+        );
+    }
+    let version = req.version.unwrap_or(1);
+    let target = req.path.unwrap_or("/");
+    let target_range = range_of(buf, target.as_bytes());
+    let (path, query) = match target.find('?') {
+        Some(q) => (
+            target_range.start..target_range.start + q,
+            target_range.start + q + 1..target_range.end,
+        ),
+        None => (target_range.clone(), target_range.end..target_range.end),
+    };
+    let mut head = RequestHead {
+        method: Method::parse(req.method.unwrap_or("")),
+        path,
+        query,
+        head_len,
+        content_length: None,
+        chunked: false,
+        keep_alive: version == 1,
+        expect_continue: false,
+        content_type: ContentType::Missing,
+        api_key: None,
+    };
+    for h in req.headers.iter() {
+        let name = h.name;
+        let value = trim(h.value);
+        if name.eq_ignore_ascii_case("content-length") {
+            let parsed = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok());
+            match (parsed, head.content_length) {
+                (None, _) => {
+                    return Parsed::Invalid(
+                        ApiError::new(400, "bad_content_length", "Content-Length is not a number")
+                            .closing(),
+                    )
+                }
+                (Some(a), Some(b)) if a != b => {
+                    return Parsed::Invalid(
+                        ApiError::new(
+                            400,
+                            "bad_content_length",
+                            "conflicting Content-Length headers",
+                        )
+                        .closing(),
+                    )
+                }
+                (Some(a), _) => head.content_length = Some(a),
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            head.chunked = true;
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in value.split(|c| *c == b',') {
+                let t = trim(token);
+                if t.eq_ignore_ascii_case(b"close") {
+                    head.keep_alive = false;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    head.keep_alive = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case("content-type") {
+            let essence = trim(value.split(|c| *c == b';').next().unwrap_or(b""));
+            head.content_type = if essence.eq_ignore_ascii_case(b"application/json")
+                || (essence.len() > 5
+                    && essence[essence.len() - 5..].eq_ignore_ascii_case(b"+json"))
+            {
+                ContentType::Json
+            } else {
+                ContentType::Other
+            };
+        } else if name.eq_ignore_ascii_case("x-api-key") {
+            head.api_key = Some(range_of(buf, value));
+        } else if name.eq_ignore_ascii_case("authorization") && head.api_key.is_none() {
+            if value.len() > 7 && value[..7].eq_ignore_ascii_case(b"bearer ") {
+                head.api_key = Some(range_of(buf, trim(&value[7..])));
+            }
+        } else if name.eq_ignore_ascii_case("expect") {
+            head.expect_continue = value.eq_ignore_ascii_case(b"100-continue");
+        }
+    }
+    if head.chunked && head.content_length.is_some() {
+        // Request smuggling territory: refuse rather than pick one.
+        return Parsed::Invalid(
+            ApiError::new(
+                400,
+                "bad_framing",
+                "both Transfer-Encoding and Content-Length",
+            )
+            .closing(),
+        );
+    }
+    Parsed::Complete(head)
+}
+
+/// The connection's read side: a buffer, how much of it holds data, and where
+/// the current request starts.
+struct ReadBuf {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl ReadBuf {
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+    /// Make room for at least `want` more bytes past `end`.
+    fn reserve(&mut self, want: usize) {
+        if self.buf.len() - self.end >= want {
+            return;
+        }
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.buf.len() - self.end < want {
+            let new_len = (self.end + want)
+                .max(self.buf.len() * 2)
+                .max(CONN_READ_BUFFER_BYTES);
+            self.buf.resize(new_len, 0);
+        }
+    }
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+            if self.buf.len() > CONN_BUFFER_KEEP_BYTES {
+                self.buf = vec![0; CONN_READ_BUFFER_BYTES];
+            }
+        }
+    }
+}
+
+enum ReadErr {
+    Closed,
+    TimedOut,
+    Io,
+}
+
+/// Serve one connection until it closes, errs, times out or the shard drains.
+pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+    let registration = shard.conns.register(stream.as_raw_fd());
+    let cfg = &shard.cfg.server;
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_write_timeout(Some(cfg.write_timeout));
+    let mut rb = ReadBuf {
+        buf: vec![0; CONN_READ_BUFFER_BYTES],
+        start: 0,
+        end: 0,
+    };
+    let mut out: Vec<u8> = Vec::with_capacity(1024);
+    loop {
+        // 1. A whole head.
+        let mut started: Option<Instant> = if rb.start < rb.end {
+            Some(Instant::now())
+        } else {
+            None
+        };
+        let head = loop {
+            match parse_head(rb.pending(), cfg.max_header_bytes) {
+                Parsed::Complete(h) => break h,
+                Parsed::Invalid(e) => {
+                    e.write(&mut out, false);
+                    let _ = flush(&mut stream, &mut out).await;
+                    return;
+                }
+                Parsed::Partial => {}
+            }
+            if flush(&mut stream, &mut out).await.is_err() {
+                return;
+            }
+            let (deadline_from, limit) = match started {
+                Some(t) => (t, cfg.read_timeout),
+                None => {
+                    if shard.draining.get() {
+                        return;
+                    }
+                    registration.set_idle(true);
+                    (Instant::now(), cfg.idle_timeout)
+                }
+            };
+            let r = read_more(
+                &mut stream,
+                &mut rb,
+                CONN_READ_BUFFER_BYTES,
+                deadline_from + limit,
+            )
+            .await;
+            registration.set_idle(false);
+            match r {
+                Ok(()) => {
+                    started.get_or_insert_with(Instant::now);
+                }
+                Err(ReadErr::TimedOut) if started.is_some() => {
+                    ApiError::new(
+                        408,
+                        "request_timeout",
+                        "request did not arrive within server.read_timeout",
+                    )
+                    .closing()
+                    .write(&mut out, false);
+                    let _ = flush(&mut stream, &mut out).await;
+                    return;
+                }
+                Err(_) => return,
+            }
+        };
+        let request_started = started.unwrap_or_else(Instant::now);
+
+        // 2. Route, authenticate and size-check before reading any body.
+        let keep_alive = head.keep_alive && !shard.draining.get();
+        let pending = rb.pending();
+        let path = std::str::from_utf8(&pending[head.path.clone()]).unwrap_or("");
+        let route = match route::resolve(&shard, &head, path, pending) {
+            Ok(r) => r,
+            Err(e) => {
+                // A body we will not read cannot be skipped safely unless it is here already.
+                let body_len = head.content_length.unwrap_or(0);
+                let close =
+                    e.close || head.chunked || rb.pending().len() < head.head_len + body_len;
+                e.write(&mut out, keep_alive && !close);
+                if close {
+                    let _ = flush(&mut stream, &mut out).await;
+                    return;
+                }
+                rb.consume(head.head_len + body_len);
+                continue;
+            }
+        };
+
+        // 3. The body.
+        let body_len = head.content_length.unwrap_or(0);
+        if head.expect_continue && body_len > 0 && rb.pending().len() < head.head_len + body_len {
+            out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            if flush(&mut stream, &mut out).await.is_err() {
+                return;
+            }
+        }
+        while rb.pending().len() < head.head_len + body_len {
+            if flush(&mut stream, &mut out).await.is_err() {
+                return;
+            }
+            let missing = head.head_len + body_len - rb.pending().len();
+            match read_more(
+                &mut stream,
+                &mut rb,
+                missing,
+                request_started + cfg.read_timeout,
+            )
+            .await
+            {
+                Ok(()) => {}
+                Err(ReadErr::TimedOut) => {
+                    ApiError::new(
+                        408,
+                        "request_timeout",
+                        "request body did not arrive within server.read_timeout",
+                    )
+                    .closing()
+                    .write(&mut out, false);
+                    let _ = flush(&mut stream, &mut out).await;
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+
+        // 4. Answer.
+        let req = &rb.buf[rb.start..rb.start + head.head_len + body_len];
+        let close = route::handle(&shard, route, &head, req, &mut out, keep_alive).await;
+        rb.consume(head.head_len + body_len);
+        if close || !keep_alive {
+            let _ = flush(&mut stream, &mut out).await;
+            return;
+        }
+        // Pipelined requests already buffered are answered before anything is written.
+        if rb.start == rb.end || out.len() >= CONN_BUFFER_KEEP_BYTES {
+            if flush(&mut stream, &mut out).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn flush(stream: &mut TcpStream, out: &mut Vec<u8>) -> io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let r = stream.write_all(out).await;
+    out.clear();
+    if out.capacity() > CONN_BUFFER_KEEP_BYTES {
+        out.shrink_to(1024);
+    }
+    r
+}
+
+async fn read_more(
+    stream: &mut TcpStream,
+    rb: &mut ReadBuf,
+    want: usize,
+    deadline: Instant,
+) -> Result<(), ReadErr> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(ReadErr::TimedOut);
+    }
+    let _ = stream.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+    rb.reserve(want.min(1 << 20));
+    match stream.read(&mut rb.buf[rb.end..]).await {
+        Ok(0) => Err(ReadErr::Closed),
+        Ok(n) => {
+            rb.end += n;
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::TimedOut || e.kind() == io::ErrorKind::WouldBlock => {
+            Err(ReadErr::TimedOut)
+        }
+        Err(_) => Err(ReadErr::Io),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &str) -> RequestHead {
+        match parse_head(raw.as_bytes(), 16384) {
+            Parsed::Complete(h) => h,
+            _ => panic!("not complete"),
+        }
+    }
+
+    #[test]
+    fn parses_what_routing_needs() {
+        let raw = "POST /events?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\nContent-Type: application/json; charset=utf-8\r\nAuthorization: Bearer  k3y \r\n\r\n";
+        let h = head(raw);
+        assert_eq!(h.method, Method::Post);
+        assert_eq!(&raw[h.path.clone()], "/events");
+        assert_eq!(&raw[h.query.clone()], "x=1");
+        assert_eq!(h.content_length, Some(12));
+        assert_eq!(h.content_type, ContentType::Json);
+        assert_eq!(&raw[h.api_key.clone().unwrap()], "k3y");
+        assert!(h.keep_alive);
+        assert_eq!(h.head_len, raw.len());
+    }
+
+    #[test]
+    fn connection_semantics() {
+        assert!(!head("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").keep_alive);
+        assert!(!head("GET / HTTP/1.0\r\n\r\n").keep_alive);
+        assert!(head("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").keep_alive);
+    }
+
+    #[test]
+    fn bad_heads() {
+        assert!(matches!(
+            parse_head(b"GET / HTTP/1.1\r\nHost: a\r\n", 16384),
+            Parsed::Partial
+        ));
+        match parse_head(b"GARBAGE\x01\r\n\r\n", 16384) {
+            Parsed::Invalid(e) => assert_eq!(e.status, 400),
+            _ => panic!(),
+        }
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(2000));
+        match parse_head(big.as_bytes(), 1024) {
+            Parsed::Invalid(e) => assert_eq!(e.status, 431),
+            _ => panic!(),
+        }
+        match parse_head(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n", 16384) {
+            Parsed::Invalid(e) => assert_eq!(e.status, 400),
+            _ => panic!(),
+        }
+    }
+
+    #[test]
+    fn error_bodies_are_json() {
+        let mut out = Vec::new();
+        let mut e = ApiError::new(405, "method_not_allowed", "use \"POST\"");
+        e.allow = Some("POST");
+        e.write(&mut out, true);
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"));
+        assert!(s.contains("\r\nAllow: POST\r\n"));
+        let body = s.split("\r\n\r\n").nth(1).unwrap();
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["code"], "method_not_allowed");
+        assert_eq!(v["error"]["message"], "use \"POST\"");
+    }
+}

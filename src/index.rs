@@ -1,0 +1,303 @@
+//! The hot index in LMDB (heed): event id → position (idempotency), stream →
+//! last version (optimistic concurrency) and the head position. Only the
+//! writer writes it, after each SQLite commit; shards read it directly.
+//!
+//! It is opened without `fsync` (`NO_SYNC`): SQLite is the source of truth, and
+//! at start `open_checked` compares the index with SQLite and repairs it when it
+//! is missing, behind, ahead, from another history, or unreadable.
+//!
+//! Readers use LMDB's per-thread reader slot (the default TLS mode): a shard
+//! opens a read transaction, reads, and drops it before any `.await`, so one
+//! executor thread never holds two at once, and no read takes LMDB's
+//! reader-table mutex after the thread's first. The `Reader` API makes holding a
+//! transaction across an await impossible: every method opens and closes its own.
+
+use crate::config::IndexConfig;
+use crate::limits::INDEX_REBUILD_ROWS_PER_TXN;
+use heed::byteorder::BigEndian;
+use heed::types::{Bytes, Str, U64};
+use heed::{Database, Env, EnvFlags, EnvOpenOptions, RwTxn};
+use rusqlite::Connection;
+use std::path::Path;
+
+/// Bumped when the index layout changes; a different one is rebuilt.
+const INDEX_FORMAT: u64 = 1;
+const META_HEAD: &str = "head";
+const META_FORMAT: &str = "format";
+
+pub type Pos = U64<BigEndian>;
+
+#[derive(Clone)]
+pub struct Index {
+    pub(crate) env: Env,
+    pub(crate) ids: Database<'static, Bytes, Pos>,
+    pub(crate) streams: Database<'static, Bytes, Pos>,
+    pub(crate) meta: Database<'static, Str, Pos>,
+}
+
+#[derive(Debug)]
+pub enum IndexError {
+    Lmdb(heed::Error),
+    Sqlite(rusqlite::Error),
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for IndexError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IndexError::Lmdb(e) => write!(f, "LMDB: {e}"),
+            IndexError::Sqlite(e) => write!(f, "SQLite: {e}"),
+            IndexError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+impl std::error::Error for IndexError {}
+impl From<heed::Error> for IndexError {
+    fn from(e: heed::Error) -> Self {
+        IndexError::Lmdb(e)
+    }
+}
+impl From<rusqlite::Error> for IndexError {
+    fn from(e: rusqlite::Error) -> Self {
+        IndexError::Sqlite(e)
+    }
+}
+impl From<std::io::Error> for IndexError {
+    fn from(e: std::io::Error) -> Self {
+        IndexError::Io(e)
+    }
+}
+
+/// What `open_checked` found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovery {
+    /// Index and SQLite agree.
+    InStep,
+    /// The index lacked the newest events; they were indexed from SQLite.
+    CaughtUp { from: u64, to: u64 },
+    /// The index was rebuilt from SQLite, for the reason given.
+    Rebuilt { reason: String, events: u64 },
+}
+
+impl Index {
+    fn open(cfg: &IndexConfig) -> Result<Index, IndexError> {
+        std::fs::create_dir_all(&cfg.path)?;
+        let mut opts = EnvOpenOptions::new();
+        opts.map_size(cfg.map_size_bytes).max_dbs(8);
+        // SAFETY: NO_SYNC only weakens durability of the index, which is rebuilt
+        // from SQLite at start whenever it is behind or inconsistent; the path is
+        // opened once per process (heed refuses a second open).
+        let env = unsafe {
+            opts.flags(EnvFlags::NO_SYNC);
+            opts.open(&cfg.path)?
+        };
+        let wtxn = env.write_txn()?;
+        let (ids, streams, meta) = env
+            .create_databases_and_commit(wtxn, |opener, wtxn| -> heed::Result<_> {
+                let ids = opener.create_database::<Bytes, Pos>(wtxn, Some("ids"))?;
+                let streams = opener.create_database::<Bytes, Pos>(wtxn, Some("streams"))?;
+                let meta = opener.create_database::<Str, Pos>(wtxn, Some("meta"))?;
+                Ok(heed::CommitOrAbort::<_, ()>::Commit((ids, streams, meta)))
+            })?
+            .unwrap_commit();
+        Ok(Index {
+            env,
+            ids,
+            streams,
+            meta,
+        })
+    }
+
+    /// Close the environment fully, so its directory may be removed or reopened.
+    fn close(self) {
+        let Index { env, .. } = self;
+        env.prepare_for_closing().wait();
+    }
+
+    /// Open the index at `cfg.path` and bring it in step with `conn`'s events.
+    pub fn open_checked(
+        cfg: &IndexConfig,
+        conn: &Connection,
+    ) -> Result<(Index, Recovery), IndexError> {
+        let sqlite_head = crate::storage::head(conn)?;
+        let index = match Index::open(cfg) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(path = %cfg.path.display(), error = %e, "index unreadable; rebuilding it from SQLite");
+                wipe(&cfg.path)?;
+                let index = Index::open(cfg)?;
+                let n = index.rebuild(conn)?;
+                return Ok((
+                    index,
+                    Recovery::Rebuilt {
+                        reason: format!("unreadable: {e}"),
+                        events: n,
+                    },
+                ));
+            }
+        };
+        let reason = match index.diagnose(conn, sqlite_head) {
+            Ok(None) => return Ok((index, Recovery::InStep)),
+            Ok(Some(Diagnosis::Behind(from))) => {
+                index.index_range(conn, from + 1)?;
+                return Ok((
+                    index,
+                    Recovery::CaughtUp {
+                        from: from + 1,
+                        to: sqlite_head,
+                    },
+                ));
+            }
+            Ok(Some(Diagnosis::Rebuild(reason))) => reason,
+            Err(e) => format!("unreadable: {e}"),
+        };
+        tracing::warn!(path = %cfg.path.display(), %reason, "rebuilding index from SQLite");
+        // Start from an empty directory: a damaged file must not survive the rebuild.
+        index.close();
+        wipe(&cfg.path)?;
+        let index = Index::open(cfg)?;
+        let n = index.rebuild(conn)?;
+        Ok((index, Recovery::Rebuilt { reason, events: n }))
+    }
+
+    fn diagnose(
+        &self,
+        conn: &Connection,
+        sqlite_head: u64,
+    ) -> Result<Option<Diagnosis>, IndexError> {
+        let rtxn = self.env.read_txn()?;
+        let format = self.meta.get(&rtxn, META_FORMAT)?;
+        let head = self.meta.get(&rtxn, META_HEAD)?.unwrap_or(0);
+        if format.is_none() && head == 0 && sqlite_head == 0 {
+            drop(rtxn);
+            self.set_format()?;
+            return Ok(None);
+        }
+        if format != Some(INDEX_FORMAT) {
+            return Ok(Some(Diagnosis::Rebuild(format!(
+                "index format {format:?}, expected {INDEX_FORMAT}"
+            ))));
+        }
+        if head > sqlite_head {
+            return Ok(Some(Diagnosis::Rebuild(format!(
+                "index is ahead of SQLite (index head {head}, SQLite head {sqlite_head}): SQLite lost a tail"
+            ))));
+        }
+        // The newest event both know must be the same event in both.
+        if head > 0 {
+            let id = crate::storage::id_at(conn, head)?;
+            let indexed = match &id {
+                Some(id) => self.ids.get(&rtxn, id.as_bytes())?,
+                None => None,
+            };
+            if indexed != Some(head) {
+                return Ok(Some(Diagnosis::Rebuild(format!(
+                    "event at position {head} is not the one the index knows (another history)"
+                ))));
+            }
+        }
+        if head < sqlite_head {
+            return Ok(Some(Diagnosis::Behind(head)));
+        }
+        Ok(None)
+    }
+
+    fn set_format(&self) -> Result<(), IndexError> {
+        let mut w = self.env.write_txn()?;
+        self.meta.put(&mut w, META_FORMAT, &INDEX_FORMAT)?;
+        w.commit()?;
+        Ok(())
+    }
+
+    /// Empty the index and index every event in SQLite.
+    fn rebuild(&self, conn: &Connection) -> Result<u64, IndexError> {
+        let mut w = self.env.write_txn()?;
+        self.ids.clear(&mut w)?;
+        self.streams.clear(&mut w)?;
+        self.meta.clear(&mut w)?;
+        self.meta.put(&mut w, META_FORMAT, &INDEX_FORMAT)?;
+        self.meta.put(&mut w, META_HEAD, &0)?;
+        w.commit()?;
+        self.index_range(conn, 1)
+    }
+
+    /// Index SQLite's events from `from` to its head, in bounded transactions.
+    pub(crate) fn index_range(&self, conn: &Connection, from: u64) -> Result<u64, IndexError> {
+        let mut stmt = conn.prepare(
+            "SELECT position, id, stream, stream_version FROM events WHERE position >= ?1 ORDER BY position LIMIT ?2",
+        )?;
+        let mut next = from;
+        let mut total = 0u64;
+        loop {
+            let mut w = self.env.write_txn()?;
+            let mut rows = stmt.query(rusqlite::params![
+                next as i64,
+                INDEX_REBUILD_ROWS_PER_TXN as i64
+            ])?;
+            let mut n = 0usize;
+            let mut last = None;
+            while let Some(r) = rows.next()? {
+                let pos = r.get::<_, i64>(0)? as u64;
+                let id: String = r.get(1)?;
+                let stream: Option<String> = r.get(2)?;
+                let version: Option<i64> = r.get(3)?;
+                self.ids.put(&mut w, id.as_bytes(), &pos)?;
+                if let (Some(s), Some(v)) = (stream, version) {
+                    self.streams.put(&mut w, s.as_bytes(), &(v as u64))?;
+                }
+                last = Some(pos);
+                n += 1;
+            }
+            drop(rows);
+            if let Some(last) = last {
+                self.meta.put(&mut w, META_HEAD, &last)?;
+                next = last + 1;
+            }
+            w.commit()?;
+            total += n as u64;
+            if n < INDEX_REBUILD_ROWS_PER_TXN {
+                return Ok(total);
+            }
+        }
+    }
+
+    // --- writer side -------------------------------------------------------
+
+    pub(crate) fn set_head(&self, w: &mut RwTxn, head: u64) -> heed::Result<()> {
+        self.meta.put(w, META_HEAD, &head)
+    }
+
+    // --- reader side: each call opens and closes its own transaction --------
+
+    /// Position of the newest committed event (0 when empty).
+    pub fn head(&self) -> heed::Result<u64> {
+        let r = self.env.read_txn()?;
+        Ok(self.meta.get(&r, META_HEAD)?.unwrap_or(0))
+    }
+
+    /// Where the event with this id was stored, if it was.
+    pub fn position_of(&self, id: &str) -> heed::Result<Option<u64>> {
+        let r = self.env.read_txn()?;
+        self.ids.get(&r, id.as_bytes())
+    }
+
+    /// The last version of a stream (0 when it has no events).
+    pub fn stream_version(&self, stream: &str) -> heed::Result<u64> {
+        let r = self.env.read_txn()?;
+        Ok(self.streams.get(&r, stream.as_bytes())?.unwrap_or(0))
+    }
+}
+
+enum Diagnosis {
+    Behind(u64),
+    Rebuild(String),
+}
+
+fn wipe(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::create_dir_all(path)
+}

@@ -1,0 +1,36 @@
+//! shardcast: an event store that takes events over HTTP, commits them
+//! durably, and (next) pushes them live to Server-Sent-Events clients.
+//!
+//! The data path, one module per stage:
+//!
+//! ```text
+//!  client ──TCP──▶ accept   one SO_REUSEPORT socket per shard, one shard per core
+//!                   │
+//!                  http     parse, keep-alive, pipelining, timeouts, JSON errors
+//!                   │
+//!                  route    endpoint, auth, limits; parse events (event)
+//!                   │         └─ reads: LMDB index (index), no locks
+//!                  shard    per-core queue → one flume message per wakeup
+//!                   │
+//!                  writer   one thread: check ids/versions (index), one SQLite
+//!                   │        transaction per wakeup (storage), commit, then
+//!                   │        update LMDB and answer: one message per shard
+//!                   ▼
+//!                  shard    wakes each waiting request → 200 after commit
+//! ```
+//!
+//! `config` holds every setting (raw TOML → validated `Config`), `limits` the
+//! fixed ones, `server` the process lifecycle.
+
+pub mod accept;
+pub mod config;
+pub mod event;
+pub mod http;
+pub mod ids;
+pub mod index;
+pub mod limits;
+pub mod route;
+pub mod server;
+pub mod shard;
+pub mod storage;
+pub mod writer;

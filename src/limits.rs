@@ -1,0 +1,19 @@
+//! Fixed limits that are not configuration: they follow from the formats we
+//! store into (LMDB keys are at most 511 bytes) or protect the process from a
+//! single request. Configurable limits live in `config.rs`.
+
+/// Longest event type, in bytes.
+pub const EVENT_TYPE_BYTES_MAX: usize = 256;
+/// Longest client-supplied event id, in bytes (an LMDB key).
+pub const EVENT_ID_BYTES_MAX: usize = 128;
+/// Longest stream name, in bytes (an LMDB key).
+pub const STREAM_NAME_BYTES_MAX: usize = 256;
+/// Most headers one request may carry; more gets 431.
+pub const REQUEST_HEADERS_MAX: usize = 64;
+/// Read buffer a connection starts with; it grows up to `server.max_header_bytes`
+/// for heads and to the body size for bodies, and shrinks back when idle.
+pub const CONN_READ_BUFFER_BYTES: usize = 4096;
+/// A connection's buffers above this are released once the request is answered.
+pub const CONN_BUFFER_KEEP_BYTES: usize = 64 * 1024;
+/// Rows per LMDB transaction while rebuilding the index from SQLite.
+pub const INDEX_REBUILD_ROWS_PER_TXN: usize = 100_000;

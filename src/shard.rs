@@ -1,0 +1,363 @@
+//! A shard: one glommio executor pinned to one CPU, with its own listening
+//! socket (SO_REUSEPORT), its own connections, and its own queue to the writer.
+//! Everything here is single-threaded: `Rc`, `Cell` and `RefCell`, no locks and
+//! no atomics shared with another core. The only cross-core traffic is flume
+//! messages, one per batch in each direction.
+
+use crate::config::Config;
+use crate::event::Stamp;
+use crate::index::Index;
+use crate::writer::{AppendKind, AppendRequest, FromWriter, Outcome, ToWriter};
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::os::fd::RawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// Everything one shard's tasks share.
+pub struct Shard {
+    pub id: usize,
+    pub cfg: Arc<Config>,
+    pub index: Index,
+    pub writer: WriterClient,
+    pub stamp: RefCell<Stamp>,
+    /// Set on SIGTERM/SIGINT: answer what is in flight, then close.
+    pub draining: Cell<bool>,
+    pub conns: Conns,
+}
+
+// ---------------------------------------------------------------------------
+// Connections: who is open, and who is idle (safe to close when draining).
+
+#[derive(Default)]
+pub struct Conns {
+    next: Cell<u64>,
+    open: RefCell<HashMap<u64, (RawFd, bool)>>,
+}
+
+impl Conns {
+    pub fn register(&self, fd: RawFd) -> ConnGuard<'_> {
+        let id = self.next.get();
+        self.next.set(id + 1);
+        self.open.borrow_mut().insert(id, (fd, false));
+        ConnGuard { conns: self, id }
+    }
+    pub fn len(&self) -> usize {
+        self.open.borrow().len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Wake every idle connection's pending read with end-of-file, so it closes.
+    fn close_idle(&self) {
+        for (fd, idle) in self.open.borrow().values() {
+            if *idle {
+                // SAFETY: the fd belongs to a live connection registered here; shutdown
+                // only ends its reading side, and its task closes the fd itself.
+                unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
+            }
+        }
+    }
+}
+
+pub struct ConnGuard<'a> {
+    conns: &'a Conns,
+    id: u64,
+}
+
+impl ConnGuard<'_> {
+    pub fn set_idle(&self, idle: bool) {
+        if let Some(e) = self.conns.open.borrow_mut().get_mut(&self.id) {
+            e.1 = idle;
+        }
+    }
+}
+
+impl Drop for ConnGuard<'_> {
+    fn drop(&mut self) {
+        self.conns.open.borrow_mut().remove(&self.id);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The shard's side of the writer: a local queue, drained by one flusher task
+// into one message per wakeup, and tickets answered by the reply task.
+
+struct Ticket {
+    outcome: RefCell<Option<Outcome>>,
+    waker: Cell<Option<Waker>>,
+    bytes: usize,
+}
+
+pub struct WriterClient {
+    shard: usize,
+    tx: RefCell<Option<flume::Sender<ToWriter>>>,
+    queue: RefCell<Vec<AppendRequest>>,
+    flusher: Cell<Option<Waker>>,
+    tickets: RefCell<HashMap<u64, Rc<Ticket>>>,
+    next_ticket: Cell<u64>,
+    in_flight_bytes: Cell<usize>,
+    requests_max: usize,
+    bytes_max: usize,
+    batch_events_max: usize,
+}
+
+pub enum Submit {
+    Queued(Pending),
+    /// The queue is full: answer 503 with Retry-After.
+    Shed,
+    /// The shard is shutting down and no longer talks to the writer.
+    Stopped,
+}
+
+/// Resolves to the request's outcome once the writer has committed it.
+pub struct Pending {
+    ticket: Rc<Ticket>,
+}
+
+impl Future for Pending {
+    type Output = Outcome;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        match self.ticket.outcome.borrow_mut().take() {
+            Some(o) => Poll::Ready(o),
+            None => {
+                self.ticket.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl WriterClient {
+    pub fn new(shard: usize, tx: flume::Sender<ToWriter>, cfg: &Config) -> WriterClient {
+        WriterClient {
+            shard,
+            tx: RefCell::new(Some(tx)),
+            queue: RefCell::new(Vec::new()),
+            flusher: Cell::new(None),
+            tickets: RefCell::new(HashMap::new()),
+            next_ticket: Cell::new(0),
+            in_flight_bytes: Cell::new(0),
+            requests_max: cfg.writer.queue_requests_max,
+            bytes_max: cfg.writer.queue_bytes_max,
+            batch_events_max: cfg.writer.batch_events_max,
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.tickets.borrow().len()
+    }
+
+    /// Queue a request for the writer. `bytes` is the body size, which bounds
+    /// the memory the queue may hold.
+    pub fn submit(
+        &self,
+        kind: AppendKind,
+        events: Vec<crate::event::NewEvent>,
+        bytes: usize,
+    ) -> Submit {
+        if self.tx.borrow().is_none() {
+            return Submit::Stopped;
+        }
+        let in_flight = self.tickets.borrow().len();
+        if in_flight >= self.requests_max
+            || (in_flight > 0 && self.in_flight_bytes.get() + bytes > self.bytes_max)
+        {
+            return Submit::Shed;
+        }
+        let id = self.next_ticket.get();
+        self.next_ticket.set(id + 1);
+        let ticket = Rc::new(Ticket {
+            outcome: RefCell::new(None),
+            waker: Cell::new(None),
+            bytes,
+        });
+        self.tickets.borrow_mut().insert(id, ticket.clone());
+        self.in_flight_bytes.set(self.in_flight_bytes.get() + bytes);
+        self.queue.borrow_mut().push(AppendRequest {
+            ticket: id,
+            kind,
+            events,
+        });
+        if let Some(w) = self.flusher.take() {
+            w.wake();
+        }
+        Submit::Queued(Pending { ticket })
+    }
+
+    fn answer(&self, ticket: u64, outcome: Outcome) {
+        if let Some(t) = self.tickets.borrow_mut().remove(&ticket) {
+            self.in_flight_bytes
+                .set(self.in_flight_bytes.get() - t.bytes);
+            *t.outcome.borrow_mut() = Some(outcome);
+            if let Some(w) = t.waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Wait until something is queued, then take it all.
+    async fn next_batch(&self) -> Vec<AppendRequest> {
+        std::future::poll_fn(|cx| {
+            let mut q = self.queue.borrow_mut();
+            if q.is_empty() {
+                self.flusher.set(Some(cx.waker().clone()));
+                Poll::Pending
+            } else {
+                Poll::Ready(std::mem::take(&mut *q))
+            }
+        })
+        .await
+    }
+
+    /// The flusher: one message to the writer per wakeup, each at most one
+    /// group commit's worth of events.
+    async fn run_flusher(&self) {
+        loop {
+            let batch = self.next_batch().await;
+            let mut chunk = Vec::new();
+            let mut events = 0;
+            for req in batch {
+                let n = req.events.len();
+                if events + n > self.batch_events_max && !chunk.is_empty() {
+                    self.send(std::mem::take(&mut chunk)).await;
+                    events = 0;
+                }
+                events += n;
+                chunk.push(req);
+            }
+            if !chunk.is_empty() {
+                self.send(chunk).await;
+            }
+        }
+    }
+
+    async fn send(&self, requests: Vec<AppendRequest>) {
+        let tx = self.tx.borrow().clone();
+        let result = match tx {
+            Some(tx) => tx
+                .send_async(ToWriter {
+                    shard: self.shard,
+                    requests,
+                })
+                .await
+                .map_err(|e| e.into_inner().requests),
+            None => Err(requests),
+        };
+        if let Err(requests) = result {
+            for r in requests {
+                self.answer(
+                    r.ticket,
+                    Outcome::Failed {
+                        message: "the writer has stopped".into(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Hang up on the writer: it finishes once every shard has.
+    fn close(&self) {
+        self.tx.borrow_mut().take();
+    }
+}
+
+// ---------------------------------------------------------------------------
+
+/// Messages from the process to a shard.
+#[derive(Debug, Clone, Copy)]
+pub enum Control {
+    Shutdown { deadline: Instant },
+}
+
+pub struct ShardParts {
+    pub id: usize,
+    pub cfg: Arc<Config>,
+    pub index: Index,
+    pub listener_fd: RawFd,
+    pub to_writer: flume::Sender<ToWriter>,
+    pub from_writer: flume::Receiver<FromWriter>,
+    pub control: flume::Receiver<Control>,
+}
+
+/// The body of one shard's executor: accept and serve until told to stop,
+/// then drain.
+pub async fn run(parts: ShardParts) {
+    use std::os::fd::FromRawFd;
+    let ShardParts {
+        id,
+        cfg,
+        index,
+        listener_fd,
+        to_writer,
+        from_writer,
+        control,
+    } = parts;
+    // SAFETY: the fd is a bound, listening TCP socket made for this shard alone.
+    let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener_fd) };
+    let shard = Rc::new(Shard {
+        id,
+        writer: WriterClient::new(id, to_writer, &cfg),
+        cfg,
+        index,
+        stamp: RefCell::new(Stamp::new(crate::ids::IdGen::new())),
+        draining: Cell::new(false),
+        conns: Conns::default(),
+    });
+
+    let replies = {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            while let Ok(msg) = from_writer.recv_async().await {
+                for (ticket, outcome) in msg.replies {
+                    shard.writer.answer(ticket, outcome);
+                }
+            }
+        })
+    };
+    let flusher = {
+        let shard = shard.clone();
+        glommio::spawn_local(async move { shard.writer.run_flusher().await })
+    };
+    let acceptor = {
+        let shard = shard.clone();
+        glommio::spawn_local(async move { crate::accept::accept_loop(shard, listener).await })
+    };
+    tracing::debug!(shard = id, "shard started");
+
+    let deadline = match control.recv_async().await {
+        Ok(Control::Shutdown { deadline }) => deadline,
+        Err(_) => Instant::now() + shard.cfg.server.shutdown_timeout,
+    };
+    // Stop accepting: dropping the task drops the listener and closes its socket.
+    let _ = acceptor.cancel().await;
+    shard.draining.set(true);
+    loop {
+        shard.conns.close_idle();
+        if shard.conns.is_empty() && shard.writer.in_flight() == 0 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                shard = id,
+                open = shard.conns.len(),
+                in_flight = shard.writer.in_flight(),
+                "shutdown deadline reached with work open"
+            );
+            break;
+        }
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    // Everything queued has been sent; let the writer finish once all shards hang up.
+    while !shard.writer.queue.borrow().is_empty() && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+    let _ = flusher.cancel().await;
+    shard.writer.close();
+    let _ = replies.cancel().await;
+    tracing::debug!(shard = id, "shard stopped");
+}

@@ -1,0 +1,150 @@
+//! SQLite, the source of truth. The events table is append-only by
+//! `position INTEGER PRIMARY KEY` (the rowid): no index on random keys sits on
+//! the write path, so an append is one B-tree append. Ids, stream versions and
+//! other lookups by key live in the LMDB index (`index.rs`), which can always
+//! be rebuilt from this table.
+//!
+//! Only the writer thread opens this read-write.
+
+use crate::config::DatabaseConfig;
+use crate::event::{Event, NewEvent};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
+/// Bumped when the table layout changes; stored in `PRAGMA user_version`.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+    position       INTEGER PRIMARY KEY,  -- assigned by the writer, contiguous from 1
+    id             TEXT    NOT NULL,     -- idempotency key; looked up through LMDB, not here
+    type           TEXT    NOT NULL,
+    data           BLOB    NOT NULL,     -- the client's JSON, byte for byte
+    timestamp      TEXT    NOT NULL,     -- RFC 3339, UTC
+    stream         TEXT,
+    stream_version INTEGER,
+    metadata       BLOB
+);
+";
+
+pub const INSERT_EVENT: &str = "INSERT INTO events (position, id, type, data, timestamp, stream, stream_version, metadata) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+
+/// Open (creating if needed) the database read-write and apply the pragmas.
+pub fn open_writer(cfg: &DatabaseConfig) -> rusqlite::Result<Connection> {
+    if let Some(dir) = cfg.path.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                    Some(format!("cannot create {}: {e}", dir.display())),
+                )
+            })?;
+        }
+    }
+    let conn = Connection::open_with_flags(
+        &cfg.path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(cfg.busy_timeout)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+            Some(format!(
+                "could not switch {} to WAL (got {mode})",
+                cfg.path.display()
+            )),
+        ));
+    }
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous={};
+         PRAGMA cache_size={};
+         PRAGMA mmap_size={};
+         PRAGMA wal_autocheckpoint={};
+         PRAGMA journal_size_limit={};
+         PRAGMA temp_store=MEMORY;",
+        cfg.synchronous.pragma(),
+        cfg.cache_size,
+        cfg.mmap_size_bytes,
+        cfg.wal_autocheckpoint_pages,
+        cfg.journal_size_limit_bytes,
+    ))?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+            Some(format!(
+                "{} has schema version {version}; this shardcast knows {SCHEMA_VERSION}: upgrade shardcast",
+                cfg.path.display()
+            )),
+        ));
+    }
+    conn.execute_batch(SCHEMA)?;
+    conn.execute_batch(&format!("PRAGMA user_version={SCHEMA_VERSION}"))?;
+    Ok(conn)
+}
+
+/// Open read-only (for checks and, later, readers).
+pub fn open_reader(cfg: &DatabaseConfig) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        &cfg.path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(cfg.busy_timeout)?;
+    conn.execute_batch(&format!("PRAGMA mmap_size={};", cfg.mmap_size_bytes))?;
+    Ok(conn)
+}
+
+/// Highest stored position, 0 when empty.
+pub fn head(conn: &Connection) -> rusqlite::Result<u64> {
+    conn.query_row("SELECT COALESCE(MAX(position), 0) FROM events", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map(|p| p as u64)
+}
+
+/// The id stored at `position`, if any.
+pub fn id_at(conn: &Connection, position: u64) -> rusqlite::Result<Option<String>> {
+    conn.prepare_cached("SELECT id FROM events WHERE position = ?1")?
+        .query_row([position as i64], |r| r.get(0))
+        .optional()
+}
+
+/// The whole event stored at `position`.
+pub fn event_at(conn: &Connection, position: u64) -> rusqlite::Result<Option<Event>> {
+    conn.prepare_cached(
+        "SELECT position, id, type, data, timestamp, stream, stream_version, metadata FROM events WHERE position = ?1",
+    )?
+    .query_row([position as i64], |r| {
+        Ok(Event {
+            position: r.get::<_, i64>(0)? as u64,
+            stream_version: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+            new: NewEvent {
+                id: r.get(1)?,
+                event_type: r.get(2)?,
+                data: r.get(3)?,
+                timestamp: r.get(4)?,
+                stream: r.get(5)?,
+                expected_version: None,
+                metadata: r.get(7)?,
+            },
+        })
+    })
+    .optional()
+}
+
+/// Insert one positioned event (inside the writer's transaction).
+pub fn insert(stmt: &mut rusqlite::CachedStatement<'_>, e: &Event) -> rusqlite::Result<()> {
+    stmt.execute(params![
+        e.position as i64,
+        e.new.id,
+        e.new.event_type,
+        e.new.data,
+        e.new.timestamp,
+        e.new.stream,
+        e.stream_version.map(|v| v as i64),
+        e.new.metadata,
+    ])?;
+    Ok(())
+}

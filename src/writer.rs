@@ -1,0 +1,395 @@
+//! The writer: one OS thread, pinned to its own CPU, that owns the SQLite
+//! connection and is the only writer of the LMDB index.
+//!
+//! Each wakeup it takes everything the shards have queued (up to
+//! `writer.batch_events_max` events), checks it (idempotency, stream versions),
+//! writes it in one SQLite transaction, commits, updates the index, and only
+//! then answers: one message per shard per commit. A client's 2xx therefore
+//! always follows the commit of its events (group commit).
+
+use crate::event::{Event, NewEvent};
+use crate::index::Index;
+use crate::storage;
+use rusqlite::{Connection, TransactionBehavior};
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// What a request asks for; decides the shape of its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendKind {
+    /// `POST /events`: answered with the stored event.
+    One,
+    /// `POST /events/batch`: all or nothing, answered with a summary.
+    Batch,
+}
+
+/// One HTTP request's events, on their way to the writer.
+#[derive(Debug)]
+pub struct AppendRequest {
+    /// Shard-local number the answer is matched back by.
+    pub ticket: u64,
+    pub kind: AppendKind,
+    pub events: Vec<NewEvent>,
+}
+
+/// Shard → writer: every request a shard queued since its last message.
+#[derive(Debug)]
+pub struct ToWriter {
+    pub shard: usize,
+    pub requests: Vec<AppendRequest>,
+}
+
+/// The answer to one request.
+#[derive(Debug)]
+pub enum Outcome {
+    One {
+        event: Event,
+        duplicate: bool,
+    },
+    Batch {
+        saved: usize,
+        duplicates: usize,
+        first_position: u64,
+        last_position: u64,
+    },
+    /// `expected_version` did not match; nothing of the request was written.
+    Conflict {
+        stream: String,
+        expected: u64,
+        current: u64,
+    },
+    /// Storage failed; nothing of the request was written.
+    Failed {
+        message: String,
+    },
+}
+
+/// Writer → shard: the answers for one shard's requests in one commit.
+#[derive(Debug)]
+pub struct FromWriter {
+    pub replies: Vec<(u64, Outcome)>,
+}
+
+pub struct Writer {
+    conn: Connection,
+    index: Index,
+    rx: flume::Receiver<ToWriter>,
+    shards: Vec<flume::Sender<FromWriter>>,
+    batch_events_max: usize,
+    /// Position of the last committed event; the next gets `head + 1`.
+    head: u64,
+    /// The index missed a commit (its own commit failed); bring it up to date first.
+    index_behind: bool,
+    carry: Option<ToWriter>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WriterStats {
+    pub commits: u64,
+    pub events: u64,
+}
+
+/// How each event of a request will be stored.
+enum Slot {
+    New { position: u64, version: Option<u64> },
+    Duplicate(u64),
+}
+
+#[derive(Debug)]
+struct StorageError(String);
+
+impl From<rusqlite::Error> for StorageError {
+    fn from(e: rusqlite::Error) -> Self {
+        StorageError(format!("SQLite: {e}"))
+    }
+}
+impl From<heed::Error> for StorageError {
+    fn from(e: heed::Error) -> Self {
+        StorageError(format!("LMDB: {e}"))
+    }
+}
+
+impl Writer {
+    pub fn new(
+        conn: Connection,
+        index: Index,
+        rx: flume::Receiver<ToWriter>,
+        shards: Vec<flume::Sender<FromWriter>>,
+        batch_events_max: usize,
+    ) -> Result<Writer, rusqlite::Error> {
+        let head = storage::head(&conn)?;
+        Ok(Writer {
+            conn,
+            index,
+            rx,
+            shards,
+            batch_events_max,
+            head,
+            index_behind: false,
+            carry: None,
+        })
+    }
+
+    /// Run until every shard has hung up, committing everything they sent.
+    pub fn run(mut self) -> WriterStats {
+        let mut stats = WriterStats::default();
+        while let Some(group) = self.next_group() {
+            let started = Instant::now();
+            let n = self.commit_group(group);
+            stats.commits += 1;
+            stats.events += n as u64;
+            tracing::trace!(
+                events = n,
+                micros = started.elapsed().as_micros() as u64,
+                "group commit"
+            );
+        }
+        tracing::info!(
+            commits = stats.commits,
+            events = stats.events,
+            head = self.head,
+            "writer stopped"
+        );
+        stats
+    }
+
+    /// Block for the first message, then take whatever else is queued without
+    /// waiting, up to `batch_events_max` events. None when all shards are gone.
+    fn next_group(&mut self) -> Option<Vec<ToWriter>> {
+        let first = match self.carry.take() {
+            Some(m) => m,
+            None => self.rx.recv().ok()?,
+        };
+        let mut events = count_events(&first);
+        let mut group = vec![first];
+        while events < self.batch_events_max {
+            match self.rx.try_recv() {
+                Ok(m) => {
+                    let n = count_events(&m);
+                    if events + n > self.batch_events_max {
+                        self.carry = Some(m);
+                        break;
+                    }
+                    events += n;
+                    group.push(m);
+                }
+                Err(_) => break,
+            }
+        }
+        Some(group)
+    }
+
+    /// Write one group in one transaction and answer every request in it.
+    /// Returns the number of events written.
+    fn commit_group(&mut self, group: Vec<ToWriter>) -> usize {
+        if self.index_behind {
+            self.resync_index();
+        }
+        let before = self.head;
+        let mut answers: Vec<Vec<(u64, Outcome)>> =
+            (0..self.shards.len()).map(|_| Vec::new()).collect();
+        let tickets: Vec<(usize, u64)> = group
+            .iter()
+            .flat_map(|m| m.requests.iter().map(move |r| (m.shard, r.ticket)))
+            .collect();
+        match self.write(group, &mut answers) {
+            Ok(written) => {
+                // Positions are contiguous: the head moved by exactly what was written.
+                assert_eq!(
+                    self.head,
+                    before + written as u64,
+                    "positions must stay contiguous"
+                );
+                for (shard, replies) in answers.into_iter().enumerate() {
+                    if !replies.is_empty() {
+                        // A shard that already stopped has no one left to answer.
+                        let _ = self.shards[shard].send(FromWriter { replies });
+                    }
+                }
+                written
+            }
+            Err(e) => {
+                tracing::error!(error = %e.0, "group commit failed; nothing of it was written");
+                self.head = before;
+                let mut per_shard: Vec<Vec<(u64, Outcome)>> =
+                    (0..self.shards.len()).map(|_| Vec::new()).collect();
+                for (shard, ticket) in tickets {
+                    per_shard[shard].push((
+                        ticket,
+                        Outcome::Failed {
+                            message: e.0.clone(),
+                        },
+                    ));
+                }
+                for (shard, replies) in per_shard.into_iter().enumerate() {
+                    if !replies.is_empty() {
+                        let _ = self.shards[shard].send(FromWriter { replies });
+                    }
+                }
+                0
+            }
+        }
+    }
+
+    fn write(
+        &mut self,
+        group: Vec<ToWriter>,
+        answers: &mut [Vec<(u64, Outcome)>],
+    ) -> Result<usize, StorageError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut w = self.index.env.write_txn()?;
+        let mut next = self.head + 1;
+        {
+            let mut stmt = tx.prepare_cached(storage::INSERT_EVENT)?;
+            for msg in group {
+                for req in msg.requests {
+                    let ticket = req.ticket;
+                    let outcome = apply(&self.index, &tx, &mut stmt, &mut w, req, &mut next)?;
+                    answers[msg.shard].push((ticket, outcome));
+                }
+            }
+        }
+        let written = (next - 1 - self.head) as usize;
+        if written == 0 {
+            // Only duplicates or conflicts: nothing to make durable.
+            drop(w);
+            tx.rollback()?;
+            return Ok(0);
+        }
+        self.index.set_head(&mut w, next - 1)?;
+        tx.commit()?;
+        // From here the events are durable: the index only follows SQLite.
+        self.head = next - 1;
+        if let Err(e) = w.commit() {
+            tracing::error!(error = %e, "index commit failed after SQLite commit; re-indexing from SQLite");
+            self.index_behind = true;
+            self.resync_index();
+        }
+        Ok(written)
+    }
+
+    fn resync_index(&mut self) {
+        match self.index.head().map_err(StorageError::from).and_then(|h| {
+            self.index
+                .index_range(&self.conn, h + 1)
+                .map_err(|e| StorageError(e.to_string()))
+        }) {
+            Ok(_) => self.index_behind = false,
+            Err(e) => {
+                tracing::error!(error = %e.0, "index still behind SQLite; will retry before the next commit")
+            }
+        }
+    }
+}
+
+fn count_events(m: &ToWriter) -> usize {
+    m.requests.iter().map(|r| r.events.len()).sum()
+}
+
+/// Check one request against the index (and the requests before it in this
+/// group, which the write transactions already hold), then write it. A request
+/// either writes all of its new events or none.
+fn apply(
+    index: &Index,
+    tx: &Connection,
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    w: &mut heed::RwTxn<'_>,
+    req: AppendRequest,
+    next: &mut u64,
+) -> Result<Outcome, StorageError> {
+    let many = req.events.len() > 1;
+    // Ids and stream versions claimed earlier in this same request.
+    let mut own_ids: HashMap<&str, u64> = HashMap::new();
+    let mut own_streams: HashMap<&str, u64> = HashMap::new();
+    let mut slots = Vec::with_capacity(req.events.len());
+    let mut position = *next;
+    for e in &req.events {
+        let known = match own_ids.get(e.id.as_str()) {
+            Some(p) => Some(*p),
+            None => index.ids.get(w, e.id.as_bytes())?,
+        };
+        if let Some(p) = known {
+            slots.push(Slot::Duplicate(p));
+            continue;
+        }
+        let version = match &e.stream {
+            None => None,
+            Some(stream) => {
+                let current = match own_streams.get(stream.as_str()) {
+                    Some(v) => *v,
+                    None => index.streams.get(w, stream.as_bytes())?.unwrap_or(0),
+                };
+                if let Some(expected) = e.expected_version {
+                    if expected != current {
+                        return Ok(Outcome::Conflict {
+                            stream: stream.clone(),
+                            expected,
+                            current,
+                        });
+                    }
+                }
+                own_streams.insert(stream, current + 1);
+                Some(current + 1)
+            }
+        };
+        if many {
+            own_ids.insert(&e.id, position);
+        }
+        slots.push(Slot::New { position, version });
+        position += 1;
+    }
+    drop(own_ids);
+    drop(own_streams);
+
+    let kind = req.kind;
+    let (mut saved, mut duplicates) = (0usize, 0usize);
+    let (mut first, mut last) = (u64::MAX, 0u64);
+    let mut one = None;
+    for (new, slot) in req.events.into_iter().zip(slots) {
+        match slot {
+            Slot::New { position, version } => {
+                let event = Event {
+                    position,
+                    stream_version: version,
+                    new,
+                };
+                storage::insert(stmt, &event)?;
+                index.ids.put(w, event.new.id.as_bytes(), &position)?;
+                if let (Some(s), Some(v)) = (&event.new.stream, version) {
+                    index.streams.put(w, s.as_bytes(), &v)?;
+                }
+                saved += 1;
+                first = first.min(position);
+                last = last.max(position);
+                if kind == AppendKind::One {
+                    one = Some((event, false));
+                }
+            }
+            Slot::Duplicate(p) => {
+                duplicates += 1;
+                first = first.min(p);
+                last = last.max(p);
+                if kind == AppendKind::One {
+                    let original = storage::event_at(tx, p)?.ok_or_else(|| {
+                        StorageError(format!(
+                            "index names position {p}, which SQLite does not hold"
+                        ))
+                    })?;
+                    one = Some((original, true));
+                }
+            }
+        }
+    }
+    *next = position;
+    Ok(match (kind, one) {
+        (AppendKind::One, Some((event, duplicate))) => Outcome::One { event, duplicate },
+        _ => Outcome::Batch {
+            saved,
+            duplicates,
+            first_position: first,
+            last_position: last,
+        },
+    })
+}
