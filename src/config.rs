@@ -357,6 +357,9 @@ fn set_raw(raw: &mut RawConfig, section: &str, key: &str, v: String) -> Result<(
             _ => Err(err(&name, format!("'{v}' is not a boolean"))),
         }
     };
+    if key.ends_with("timeout") {
+        parse_duration(&v).map_err(|m| err(&name, m))?;
+    }
     match (section, key) {
         ("server", "listen") => raw.server.listen = Some(v),
         ("server", "shards") => raw.server.shards = Some(int(&v)?),
@@ -609,12 +612,14 @@ impl Config {
         {
             "normal" => Synchronous::Normal,
             "full" => Synchronous::Full,
-            other => return Err(err(
-                "database.synchronous",
-                format!(
+            other => {
+                return Err(err(
+                    "database.synchronous",
+                    format!(
                     "'{other}' is not one of normal, full (off would break the durability promise)"
                 ),
-            )),
+                ))
+            }
         };
         let database = DatabaseConfig {
             synchronous,

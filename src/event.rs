@@ -204,6 +204,15 @@ impl<'a> From<SerdeEvent<'a>> for Fields<'a> {
     }
 }
 
+/// An event must be a JSON object (serde would also take a positional array).
+fn serde_object(body: &[u8]) -> Result<SerdeEvent<'_>, EventError> {
+    match body.iter().find(|c| !c.is_ascii_whitespace()) {
+        Some(b'{') => serde_json::from_slice(body).map_err(json_error),
+        Some(_) => Err(json_error("each event must be a JSON object")),
+        None => Err(json_error("empty body")),
+    }
+}
+
 fn json_error(e: impl std::fmt::Display) -> EventError {
     bad(
         "invalid_json",
@@ -312,7 +321,7 @@ impl<'a> Scan<'a> {
 
     fn object(&mut self) -> Result<Fields<'a>, EventError> {
         if !self.eat(b'{') {
-            return Err(bad("invalid_event", "each event must be a JSON object"));
+            return Err(json_error("each event must be a JSON object"));
         }
         let mut f = Fields::default();
         let mut seen = 0u8;
@@ -446,10 +455,7 @@ impl Parser {
 /// Parse and validate the body of `POST /events`.
 pub fn parse_one(body: &[u8], parser: Parser, stamp: &mut Stamp) -> Result<NewEvent, EventError> {
     let r = match parser {
-        Parser::Serde => {
-            let e: SerdeEvent = serde_json::from_slice(body).map_err(json_error)?;
-            Fields::from(e).validate(stamp)
-        }
+        Parser::Serde => serde_object(body).and_then(|e| Fields::from(e).validate(stamp)),
         Parser::Simd => {
             simd_validate(body)?;
             let mut s = Scan { b: body, i: 0 };
@@ -498,7 +504,13 @@ fn parse_batch_inner(
                     format!("request body is not a valid JSON array of events: {e}"),
                 )
             })?;
-            check_count(raw.len(), max).map_err(|_| too_many(raw.len()))?;
+            check_count(raw.len(), max).map_err(|e| {
+                if e.code == "batch_too_large" {
+                    too_many(raw.len())
+                } else {
+                    e
+                }
+            })?;
             raw.into_iter()
                 .enumerate()
                 .map(|(i, e)| Fields::from(e).validate(stamp).map_err(|err| at(i, err)))
@@ -535,7 +547,7 @@ fn parse_batch_inner(
                     return Err(json_error("expected ',' or ']'"));
                 }
             }
-            check_count(fields.len(), max).map_err(|_| too_many(fields.len()))?;
+            check_count(fields.len(), max)?;
             fields
                 .into_iter()
                 .enumerate()

@@ -131,8 +131,9 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     // Only the shards hold senders now: the writer stops when the last shard hangs up.
     drop(to_writer);
 
-    announce(addr, &cfg);
+    // Handlers first: once we announce, a SIGTERM must drain, not kill.
     spawn_signal_thread(control_txs, cfg.server.shutdown_timeout)?;
+    announce(addr, &cfg);
 
     for (id, h) in handles.into_iter().enumerate() {
         if let Err(e) = h.join() {

@@ -123,15 +123,23 @@ pub fn event_at(conn: &Connection, position: u64) -> rusqlite::Result<Option<Eve
             new: NewEvent {
                 id: r.get(1)?,
                 event_type: r.get(2)?,
-                data: r.get(3)?,
+                data: json_bytes(r.get_ref(3)?).unwrap_or_else(|| b"null".to_vec()),
                 timestamp: r.get(4)?,
                 stream: r.get(5)?,
                 expected_version: None,
-                metadata: r.get(7)?,
+                metadata: json_bytes(r.get_ref(7)?),
             },
         })
     })
     .optional()
+}
+
+/// JSON stored as BLOB (as shardcast writes it) or TEXT (as other tools may).
+fn json_bytes(v: rusqlite::types::ValueRef<'_>) -> Option<Vec<u8>> {
+    match v {
+        rusqlite::types::ValueRef::Blob(b) | rusqlite::types::ValueRef::Text(b) => Some(b.to_vec()),
+        _ => None,
+    }
 }
 
 /// Insert one positioned event (inside the writer's transaction).

@@ -1,0 +1,221 @@
+//! HTTP/1.1 behaviour of a started server: keep-alive, pipelining,
+//! `Connection: close`, every protocol-level error status, and timeouts.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+const EVENT: &str = r#"{"type":"t","data":{"k":1}}"#;
+
+#[test]
+fn keep_alive_serves_many_requests_on_one_connection() {
+    let dir = TempDir::new("keepalive");
+    let s = Server::start(dir.path(), &[]);
+    let mut c = s.conn();
+    for i in 1..=5u64 {
+        let r = c.request(
+            "POST",
+            "/events",
+            &[("Content-Type", "application/json")],
+            EVENT.as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["position"], i);
+        assert_eq!(r.header("connection"), None, "keep-alive is the default");
+    }
+    assert_eq!(
+        c.request("GET", "/position", &[], b"").json()["position"],
+        5
+    );
+}
+
+#[test]
+fn pipelined_requests_are_all_answered_in_order() {
+    let dir = TempDir::new("pipeline");
+    let s = Server::start(dir.path(), &[]);
+    let mut c = s.conn();
+    let mut raw = Vec::new();
+    for i in 0..10 {
+        let body = format!(r#"{{"type":"p","data":{i},"id":"pipe-{i}"}}"#);
+        raw.extend(build_request(
+            "POST",
+            "/events",
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        ));
+        raw.extend(build_request("GET", "/health", &[], b""));
+    }
+    raw.extend(build_request("GET", "/position", &[], b""));
+    c.send_raw(&raw); // one write: the server reads them together
+    for i in 0..10u64 {
+        let r = c.read_response().unwrap();
+        assert_eq!(r.status, 200);
+        let v = r.json();
+        assert_eq!(v["id"], format!("pipe-{i}"));
+        assert_eq!(v["data"], i);
+        assert_eq!(v["position"], i + 1, "answers come back in request order");
+        assert_eq!(c.read_response().unwrap().json()["status"], "healthy");
+    }
+    assert_eq!(c.read_response().unwrap().json()["position"], 10);
+}
+
+#[test]
+fn connection_close_is_honoured() {
+    let dir = TempDir::new("close");
+    let s = Server::start(dir.path(), &[]);
+    let mut c = s.conn();
+    let r = c.request("GET", "/health", &[("Connection", "close")], b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(c.is_closed_by_server(Duration::from_secs(5)));
+    // HTTP/1.0 without keep-alive closes too.
+    let mut c = s.conn();
+    c.send_raw(b"GET /health HTTP/1.0\r\n\r\n");
+    assert_eq!(c.read_response().unwrap().status, 200);
+    assert!(c.is_closed_by_server(Duration::from_secs(5)));
+}
+
+#[test]
+fn protocol_errors_have_the_right_status_and_a_json_body() {
+    let dir = TempDir::new("errors");
+    let s = Server::start(dir.path(), &[("SHARDCAST_SERVER_MAX_BODY_BYTES", "65536")]);
+
+    // 404 and 405 (with Allow); the connection stays usable.
+    let mut c = s.conn();
+    let r = c.request("GET", "/nowhere", &[], b"");
+    assert_eq!((r.status, r.error_code().as_str()), (404, "not_found"));
+    let r = c.request("GET", "/events/batch", &[], b"");
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (405, "method_not_allowed")
+    );
+    assert_eq!(r.header("allow"), Some("POST"));
+    let r = c.request("DELETE", "/position", &[], b"");
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
+    assert_eq!(c.request("GET", "/health", &[], b"").status, 200);
+
+    // 411: a POST without a length.
+    let mut c = s.conn();
+    c.send_raw(b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\r\n");
+    let r = c.read_response().unwrap();
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (411, "length_required")
+    );
+    let mut c = s.conn();
+    c.send_raw(b"POST /events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n");
+    assert_eq!(c.read_response().unwrap().status, 411);
+
+    // 413 before the body is read: only the head is sent.
+    let mut c = s.conn();
+    c.send_raw(b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 999999999\r\n\r\n");
+    let r = c.read_response().unwrap();
+    assert_eq!((r.status, r.error_code().as_str()), (413, "body_too_large"));
+    assert!(c.is_closed_by_server(Duration::from_secs(5)));
+
+    // 431: a head larger than server.max_header_bytes.
+    let mut c = s.conn();
+    let big = format!(
+        "GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(40_000)
+    );
+    c.send_raw(big.as_bytes());
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 431);
+    r.error_code();
+    assert!(c.is_closed_by_server(Duration::from_secs(5)));
+
+    // 400 for a malformed request, and the connection is closed.
+    let mut c = s.conn();
+    c.send_raw(b"THIS IS NOT HTTP\r\n\r\n");
+    let r = c.read_response().unwrap();
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (400, "malformed_request")
+    );
+    assert!(c.is_closed_by_server(Duration::from_secs(5)));
+
+    // 415 for a non-JSON content type; a missing one is accepted.
+    let r = s.conn().request(
+        "POST",
+        "/events",
+        &[("Content-Type", "text/plain")],
+        EVENT.as_bytes(),
+    );
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (415, "unsupported_media_type")
+    );
+    let r = s.conn().request("POST", "/events", &[], EVENT.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = s.conn().request(
+        "POST",
+        "/events",
+        &[("Content-Type", "application/json; charset=utf-8")],
+        EVENT.as_bytes(),
+    );
+    assert_eq!(r.status, 200);
+
+    // Nothing above stored anything it should not have.
+    assert_eq!(s.get("/position").json()["position"], 2);
+}
+
+#[test]
+fn expect_100_continue_gets_an_interim_response() {
+    let dir = TempDir::new("continue");
+    let s = Server::start(dir.path(), &[]);
+    let mut c = s.conn();
+    c.send_raw(format!("POST /events HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n", EVENT.len()).as_bytes());
+    let mut first = [0u8; 25];
+    std::io::Read::read_exact(&mut c.stream, &mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 100 Continue\r\n\r\n");
+    c.send_raw(EVENT.as_bytes());
+    assert_eq!(c.read_response().unwrap().status, 200);
+}
+
+#[test]
+fn idle_and_read_timeouts_close_connections() {
+    let dir = TempDir::new("timeouts");
+    let s = Server::start(
+        dir.path(),
+        &[("IDLE_TIMEOUT", "1s"), ("READ_TIMEOUT", "1s")],
+    );
+    // Idle: no request at all.
+    let mut idle = s.conn();
+    // Slow: a head that never finishes (slowloris).
+    let mut slow = s.conn();
+    slow.send_raw(b"GET /health HTTP/1.1\r\nHost: x\r\n");
+    // Meanwhile, others are served normally.
+    assert_eq!(s.get("/health").status, 200);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        idle.is_closed_by_server(Duration::from_secs(5)),
+        "idle connection closed after server.idle_timeout"
+    );
+    let r = slow.read_response().unwrap();
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (408, "request_timeout")
+    );
+    assert!(slow.is_closed_by_server(Duration::from_secs(5)));
+    // A client that trickles its head a byte at a time is cut off by the same
+    // deadline: the read timeout bounds the whole request, not each read.
+    let mut trickle = s.conn();
+    let start = std::time::Instant::now();
+    for b in b"GET /health HTTP/1.1\r\nHost: trickle-trickle-trickle-trickle\r\n".iter() {
+        if std::io::Write::write_all(&mut trickle.stream, &[*b]).is_err()
+            || start.elapsed() > Duration::from_secs(2)
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Either the 408 is read, or the reset from writing to the closed socket
+    // discarded it; a server that never closes makes this read time out and fail.
+    let answer = trickle.read_response();
+    assert!(
+        answer.as_ref().is_none_or(|r| r.status == 408),
+        "{answer:?}"
+    );
+}

@@ -1,0 +1,104 @@
+//! Starting the server: embedded defaults, config file and environment, and the
+//! clear one-line refusals for bad configuration.
+
+mod common;
+use common::*;
+use std::process::Stdio;
+
+fn run_expecting_failure(
+    dir: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (i32, String) {
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let mut cmd = Server::command(dir, &env);
+    cmd.args(args).stdout(Stdio::null()).stderr(Stdio::piped());
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn refuses_a_public_address_without_an_api_key() {
+    let dir = TempDir::new("public");
+    let (code, err) =
+        run_expecting_failure(dir.path(), &[], &[("SHARDCAST_SERVER_LISTEN", "0.0.0.0:0")]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("auth.api_key") && err.contains("loopback"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+}
+
+#[test]
+fn bad_config_names_the_key_and_exits_non_zero() {
+    let dir = TempDir::new("badcfg");
+    let (code, err) = run_expecting_failure(dir.path(), &[], &[("READ_TIMEOUT", "soon")]);
+    assert_eq!(code, 2);
+    assert!(err.contains("READ_TIMEOUT"), "{err}");
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[database]\nsynchronous = \"off\"\n").unwrap();
+    let (code, err) = run_expecting_failure(dir.path(), &["--config", file.to_str().unwrap()], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("database.synchronous"), "{err}");
+    std::fs::write(&file, "[server]\nlisten_address = \"x\"\n").unwrap();
+    let (code, err) = run_expecting_failure(dir.path(), &["--config", file.to_str().unwrap()], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("listen_address"), "{err}");
+}
+
+#[test]
+fn a_config_file_and_env_overrides_are_applied() {
+    let dir = TempDir::new("cfgfile");
+    let file = dir.path().join("shardcast.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[database]\npath = \"{}\"\n[api]\nbatch_events_max = 3\n",
+            dir.path().join("file.db").display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Server::command(dir.path(), &[]);
+    cmd.env_remove("DB_PATH")
+        .args(["--config", file.to_str().unwrap()]);
+    // Start it through the harness's reader by hand: same protocol as Server::start.
+    let s = Server::start(dir.path(), &[("SHARDCAST_API_BATCH_EVENTS_MAX", "2")]);
+    let r = s.post(
+        "/events/batch",
+        r#"[{"type":"a"},{"type":"b"},{"type":"c"}]"#,
+    );
+    assert_eq!(
+        r.status,
+        400,
+        "env override of api.batch_events_max: {}",
+        r.text()
+    );
+    drop(s);
+    let (code, _) = run_expecting_failure(
+        dir.path(),
+        &["--config", "/nonexistent/shardcast.toml"],
+        &[],
+    );
+    assert_eq!(code, 2);
+}
+
+#[test]
+fn the_data_directory_is_created_and_in_wal_mode() {
+    let dir = TempDir::new("wal");
+    let db = dir.path().join("nested/deeper/events.db");
+    let s = Server::start(dir.path(), &[("DB_PATH", db.to_str().unwrap())]);
+    assert_eq!(s.post("/events", r#"{"type":"a"}"#).status, 200);
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    assert!(dir.path().join("nested/deeper/index/data.mdb").exists());
+}
