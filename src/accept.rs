@@ -18,6 +18,9 @@ pub fn bind_listeners(
     count: usize,
     backlog: i32,
 ) -> io::Result<(SocketAddr, Vec<RawFd>)> {
+    if addr.port() != 0 {
+        probe_free(addr)?;
+    }
     let mut bound = addr;
     let mut fds = Vec::with_capacity(count);
     for _ in 0..count {
@@ -34,13 +37,35 @@ pub fn bind_listeners(
         sock.bind(&bound.into())?;
         sock.listen(backlog)?;
         if bound.port() == 0 {
-            bound = sock.local_addr()?.as_socket().ok_or_else(|| {
-                io::Error::new(io::ErrorKind::Other, "listener has no socket address")
-            })?;
+            bound = sock
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::Error::other("listener has no socket address"))?;
         }
         fds.push(sock.into_raw_fd());
     }
     Ok((bound, fds))
+}
+
+/// SO_REUSEPORT would let a second server (same user) share the port and
+/// silently split the traffic with the first. A socket bound *without* it fails
+/// with EADDRINUSE while anyone listens there, so bind one first and refuse.
+fn probe_free(addr: SocketAddr) -> io::Result<()> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // SO_REUSEADDR still refuses a port with a listener, but ignores TIME_WAIT
+    // leftovers of a previous run.
+    sock.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(false).ok();
+    }
+    match sock.bind(&addr.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("another process is already on {addr} ({e})"),
+        )),
+        Err(e) => Err(e),
+    }
 }
 
 /// Accept connections and serve each on this shard until cancelled.

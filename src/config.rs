@@ -854,6 +854,22 @@ mod tests {
     }
 
     #[test]
+    fn every_key_is_in_the_default_file_and_documented() {
+        let docs = include_str!("../docs/configuration.md");
+        for (section, key) in KEYS {
+            assert!(
+                docs.contains(&format!("`{section}.{key}`")),
+                "docs/configuration.md lacks {section}.{key}"
+            );
+            let table: toml::Table = toml::from_str(DEFAULT_TOML).unwrap();
+            assert!(
+                table[*section].get(*key).is_some(),
+                "tuning/default.toml lacks {section}.{key}"
+            );
+        }
+    }
+
+    #[test]
     fn public_bind_with_key_is_allowed() {
         let c = Config::load(
             None,

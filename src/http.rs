@@ -546,10 +546,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
             return;
         }
         // Pipelined requests already buffered are answered before anything is written.
-        if rb.start == rb.end || out.len() >= CONN_BUFFER_KEEP_BYTES {
-            if flush(&mut stream, &mut out).await.is_err() {
-                return;
-            }
+        if (rb.start == rb.end || out.len() >= CONN_BUFFER_KEEP_BYTES)
+            && flush(&mut stream, &mut out).await.is_err()
+        {
+            return;
         }
     }
 }

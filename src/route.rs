@@ -141,12 +141,10 @@ pub async fn handle(
     let body = &req[head.head_len..];
     let is_head = head.method == Method::Head;
     let result = match route {
-        Route::Health => Ok(json_ok(
-            out,
-            br#"{"status":"healthy"}"#,
-            keep_alive,
-            is_head,
-        )),
+        Route::Health => {
+            json_ok(out, br#"{"status":"healthy"}"#, keep_alive, is_head);
+            Ok(())
+        }
         Route::Position => position(shard, out, keep_alive, is_head),
         Route::AppendOne | Route::AppendBatch => append(shard, route, body, out, keep_alive).await,
     };

@@ -46,6 +46,8 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     }
 
     // Storage first: an error here should stop the start before any socket opens.
+    let _db_lock = crate::storage::lock_database(&cfg.database)
+        .map_err(|e| start_err("cannot lock database", e))?;
     let conn = crate::storage::open_writer(&cfg.database).map_err(|e| {
         start_err(
             &format!("cannot open database {}", cfg.database.path.display()),

@@ -28,6 +28,38 @@ CREATE TABLE IF NOT EXISTS events (
 
 pub const INSERT_EVENT: &str = "INSERT INTO events (position, id, type, data, timestamp, stream, stream_version, metadata) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
 
+/// An exclusive lock on `<database>.lock`, held for the life of the process:
+/// two servers on one database would both think they own the next position.
+pub struct DbLock(#[allow(dead_code)] std::fs::File);
+
+pub fn lock_database(cfg: &DatabaseConfig) -> std::io::Result<DbLock> {
+    use std::os::fd::AsRawFd;
+    if let Some(dir) = cfg.path.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir)?;
+        }
+    }
+    let mut name = cfg.path.as_os_str().to_owned();
+    name.push(".lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&name)?;
+    // SAFETY: flock on an fd we own; the lock is released when the file closes.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!(
+                "{} is in use by another shardcast process ({e})",
+                cfg.path.display()
+            ),
+        ));
+    }
+    Ok(DbLock(f))
+}
+
 /// Open (creating if needed) the database read-write and apply the pragmas.
 pub fn open_writer(cfg: &DatabaseConfig) -> rusqlite::Result<Connection> {
     if let Some(dir) = cfg.path.parent() {

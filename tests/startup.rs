@@ -102,3 +102,20 @@ fn the_data_directory_is_created_and_in_wal_mode() {
     assert_eq!(mode, "wal");
     assert!(dir.path().join("nested/deeper/index/data.mdb").exists());
 }
+
+#[test]
+fn a_second_server_on_the_same_database_or_port_is_refused() {
+    let dir = TempDir::new("twice");
+    let s = Server::start(dir.path(), &[]);
+    // Same database, another port.
+    let (code, err) = run_expecting_failure(dir.path(), &[], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("in use by another shardcast"), "{err}");
+    // Same port, another database: SO_REUSEPORT must not let it share the port.
+    let other = TempDir::new("twice-other");
+    let port = s.addr.port().to_string();
+    let (code, err) = run_expecting_failure(other.path(), &[], &[("PORT", &port)]);
+    assert_eq!(code, 1);
+    assert!(err.contains("already on"), "{err}");
+    assert_eq!(s.get("/health").status, 200);
+}

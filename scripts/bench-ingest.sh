@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Ingestion benchmark: shardcast beside nginx `return 200`, same wrk flags, same run.
+#
+# Builds the release binary (unless SHARDCAST_BIN is given), starts shardcast on
+# a fresh data directory with durable defaults (synchronous=normal), starts
+# nginx with one `return 200` location as the ceiling, and runs, RUNS times and
+# interleaved so that noise hits all of them alike:
+#
+#   nginx    POST of the single-event body to `return 200`
+#   single   POST /events, one ~200-byte event per request
+#   batch    POST /events/batch, BATCH_SIZE events per request
+#
+# It prints each run, then the medians and shardcast's single-event req/s as a
+# share of nginx's. Every acknowledged event is counted back from
+# GET /position at the end, so a run that dropped writes cannot look fast.
+#
+# Settings (environment):
+#   DURATION=10s  CONNECTIONS=100  THREADS=2  RUNS=3  BATCH_SIZE=100
+#   SHARDCAST_BIN=path  skip the build and use this binary
+#   NGINX=path          nginx binary (default: nginx on PATH); absent → said plainly, skipped
+#   KEEP_DIR=1          keep the scratch directory (data, logs) for inspection
+#
+#   scripts/bench-ingest.sh
+#   DURATION=1s RUNS=1 CONNECTIONS=10 scripts/bench-ingest.sh     # smoke
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
+DURATION=${DURATION:-10s}
+CONNECTIONS=${CONNECTIONS:-100}
+THREADS=${THREADS:-2}
+RUNS=${RUNS:-3}
+BATCH_SIZE=${BATCH_SIZE:-100}
+KEY=${API_KEY:-bench-key-0123456789}
+export API_KEY=$KEY BATCH_SIZE
+
+command -v wrk >/dev/null || { echo "bench-ingest: wrk is not installed (apt-get install wrk)" >&2; exit 3; }
+
+if [ -z "${SHARDCAST_BIN:-}" ]; then
+  (cd "$root" && cargo build --release --quiet)
+  SHARDCAST_BIN=$root/target/release/shardcast
+fi
+
+work=$(mktemp -d /tmp/shardcast-bench.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [ -z "${KEEP_DIR:-}" ]; then rm -rf "$work"; else echo "kept $work"; fi
+}
+trap cleanup EXIT
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null ||
+    echo $((20000 + RANDOM % 20000))
+}
+
+wait_port() { # host:port, log file
+  for _ in $(seq 1 300); do
+    if (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null; then return 0; fi
+    sleep 0.05
+  done
+  echo "bench-ingest: nothing listens on $1; log:" >&2
+  cat "$2" >&2
+  exit 1
+}
+
+# --- shardcast -------------------------------------------------------------
+sc_port=$(free_port)
+PORT=$sc_port DB_PATH=$work/data/events.db RUST_LOG=warn \
+  "$SHARDCAST_BIN" serve >"$work/shardcast.out" 2>"$work/shardcast.log" &
+pids+=($!)
+wait_port "127.0.0.1:$sc_port" "$work/shardcast.log"
+
+# --- nginx -----------------------------------------------------------------
+NGINX=${NGINX:-$(command -v nginx || true)}
+[ -z "$NGINX" ] && [ -x /usr/sbin/nginx ] && NGINX=/usr/sbin/nginx
+ng_port=
+if [ -n "$NGINX" ]; then
+  ng_port=$(free_port)
+  mkdir -p "$work/nginx/logs"
+  cat >"$work/nginx/nginx.conf" <<EOF
+worker_processes auto;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_buffer_size 64k;
+  server {
+    listen 127.0.0.1:$ng_port reuseport;
+    location / { return 200 '{"ok":true}'; }
+  }
+}
+EOF
+  "$NGINX" -p "$work/nginx" -c "$work/nginx/nginx.conf" -g 'daemon off;' 2>"$work/nginx/stderr" &
+  pids+=($!)
+  wait_port "127.0.0.1:$ng_port" "$work/nginx/stderr"
+else
+  echo "bench-ingest: nginx is not installed (apt-get install nginx): no ceiling to compare with, shardcast runs alone"
+fi
+
+echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) CPUs, $(uname -r); wrk -t$THREADS -c$CONNECTIONS -d$DURATION, $RUNS runs, batch $BATCH_SIZE"
+echo "# shardcast $("$SHARDCAST_BIN" --version | cut -d' ' -f2) synchronous=normal; nginx: ${NGINX:-absent}"
+
+run() { # name url script
+  local line
+  line=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" -s "$here/$3" "$2" | grep '^RESULT ' || true)
+  if [ -z "$line" ]; then
+    echo "bench-ingest: wrk printed no result for $1" >&2
+    exit 1
+  fi
+  echo "$1 ${line#RESULT }" | tee -a "$work/results"
+}
+
+for r in $(seq 1 "$RUNS"); do
+  [ -n "$ng_port" ] && run nginx "http://127.0.0.1:$ng_port/events" post-event.lua
+  run single "http://127.0.0.1:$sc_port/events" post-event.lua
+  run batch "http://127.0.0.1:$sc_port/events/batch" post-batch.lua
+done
+
+# Everything acknowledged must be stored: sum the 2xx answers × events each.
+acked=$(awk '$1=="single"||$1=="batch" {
+  for (i=2;i<=NF;i++) { split($i,kv,"="); v[kv[1]]=kv[2] }
+  ok = v["requests"] - v["non2xx"]; n += ($1=="batch" ? ok*'"$BATCH_SIZE"' : ok) }
+  END { printf "%d", n }' "$work/results")
+stored=$( { exec 3<>"/dev/tcp/127.0.0.1/$sc_port" &&
+  printf 'GET /position HTTP/1.1\r\nHost: bench\r\nX-API-Key: %s\r\nConnection: close\r\n\r\n' "$KEY" >&3 &&
+  cat <&3; } 2>/dev/null | grep -o '"position":[0-9]*' | cut -d: -f2 || true)
+stored=${stored:-?}
+echo "# acknowledged events: $acked, stored (GET /position): $stored"
+
+echo "# medians of $RUNS runs"
+awk '
+  { name=$1; for (i=2;i<=NF;i++) { split($i,kv,"="); vals[name, kv[1], ++cnt[name, kv[1]]] = kv[2] } names[name]=1 }
+  function median(name, key,   n, i, j, t, a) {
+    n = cnt[name, key]; for (i=1;i<=n;i++) a[i] = vals[name, key, i]
+    for (i=1;i<=n;i++) for (j=i+1;j<=n;j++) if (a[j]+0 < a[i]+0) { t=a[i]; a[i]=a[j]; a[j]=t }
+    return (n % 2) ? a[(n+1)/2] : (a[n/2] + a[n/2+1]) / 2
+  }
+  END {
+    split("nginx single batch", order, " ")
+    for (k=1;k<=3;k++) { nm=order[k]; if (!(nm in names)) continue
+      m[nm] = median(nm, "req_s")
+      printf "MEDIAN %s req_s=%.0f events_s=%.0f p50_us=%.0f p99_us=%.0f non2xx=%.0f errors=%.0f\n",
+        nm, m[nm], median(nm, "events_s"), median(nm, "p50_us"), median(nm, "p99_us"),
+        median(nm, "non2xx"), median(nm, "errors") }
+    if (("nginx" in names) && m["nginx"] > 0)
+      printf "RATIO single/nginx req_s=%.2f\n", m["single"] / m["nginx"]
+  }' "$work/results"
+
+if [ "$stored" != "?" ] && [ "$stored" -lt "$acked" ]; then
+  echo "bench-ingest: FAILED: $acked events acknowledged but the head is $stored" >&2
+  exit 1
+fi
