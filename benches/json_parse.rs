@@ -14,7 +14,8 @@
 //!   ~200-byte event, then bodies of exactly 512 B .. 64 KiB made by growing
 //!   `data` (more line items with names and tags, and a note string holding
 //!   escapes and non-ASCII text). This is where to read the size from which
-//!   `Parser::Simd` wins, i.e. the value for `api.simd_json_min_bytes`.
+//!   `Parser::Simd` wins, i.e. the value for `api.simd_json_min_bytes`
+//!   (none, on the machine of docs/benchmarks.md: the default is 0, off).
 //! * `batch/<parser>/<n>ev`: `POST /events/batch` bodies of `n` typical events,
 //!   from 5 events (~1 KiB) through 100 (~20 KiB) to 1,000 (~200 KiB).
 //!

@@ -486,7 +486,11 @@ impl Config {
         let pin = s.pin_cpus.unwrap_or(true);
         let (shard_cpus, writer_cpu) = if pin && online > 1 {
             let writer_cpu = online - 1;
-            let cpus = (0..shards).map(|i| i % writer_cpu).collect();
+            // Shards keep off the writer's CPU while they fit beside it; more
+            // shards than that spread over every CPU, the writer's included,
+            // rather than piling onto the first ones.
+            let spread = if shards < online { writer_cpu } else { online };
+            let cpus = (0..shards).map(|i| i % spread).collect();
             (cpus, Some(writer_cpu))
         } else if pin {
             (vec![0; shards], Some(0))

@@ -6,8 +6,10 @@
 //! reads back what it wrote, byte for byte. Two parsers produce the same
 //! result: serde_json with `RawValue` (faster on small bodies) and simd-json
 //! validation plus a span scanner over the validated bytes (faster on large
-//! bodies); `benches/json_parse.rs` measures both and `api.simd_json_min_bytes`
-//! picks the switch-over.
+//! bodies, in general); `benches/json_parse.rs` measures both as this code uses
+//! them, and `api.simd_json_min_bytes` picks the switch-over. Here simd-json
+//! pays for a copy, a tape and a second pass to find the raw spans of `data`,
+//! and loses at every size measured, so the shipped default keeps it off.
 
 use crate::limits::{EVENT_ID_BYTES_MAX, EVENT_TYPE_BYTES_MAX, STREAM_NAME_BYTES_MAX};
 use serde::Deserialize;
@@ -204,10 +206,37 @@ impl<'a> From<SerdeEvent<'a>> for Fields<'a> {
     }
 }
 
+/// An event that must be a JSON object: derived `Deserialize` would also take
+/// a positional array (`["order.placed", {...}]`) as a struct, which the
+/// simd-json path refuses; forcing `deserialize_map` keeps the two parsers equal.
+struct EventObject<'a>(SerdeEvent<'a>);
+
+impl<'de> Deserialize<'de> for EventObject<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = EventObject<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an event object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                SerdeEvent::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(EventObject)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// An event must be a JSON object (serde would also take a positional array).
 fn serde_object(body: &[u8]) -> Result<SerdeEvent<'_>, EventError> {
     match body.iter().find(|c| !c.is_ascii_whitespace()) {
-        Some(b'{') => serde_json::from_slice(body).map_err(json_error),
+        Some(b'{') => serde_json::from_slice::<EventObject>(body)
+            .map(|e| e.0)
+            .map_err(json_error),
         Some(_) => Err(json_error("each event must be a JSON object")),
         None => Err(json_error("empty body")),
     }
@@ -443,8 +472,10 @@ pub enum Parser {
 }
 
 impl Parser {
+    /// `simd_min_bytes == 0` means never: measured on this box, serde_json
+    /// wins at every body size the API accepts (docs/benchmarks.md).
     pub fn for_len(len: usize, simd_min_bytes: usize) -> Parser {
-        if len >= simd_min_bytes {
+        if simd_min_bytes > 0 && len >= simd_min_bytes {
             Parser::Simd
         } else {
             Parser::Serde
@@ -498,7 +529,7 @@ fn parse_batch_inner(
     };
     match parser {
         Parser::Serde => {
-            let raw: Vec<SerdeEvent> = serde_json::from_slice(body).map_err(|e| {
+            let raw: Vec<EventObject> = serde_json::from_slice(body).map_err(|e| {
                 bad(
                     "invalid_json",
                     format!("request body is not a valid JSON array of events: {e}"),
@@ -513,7 +544,7 @@ fn parse_batch_inner(
             })?;
             raw.into_iter()
                 .enumerate()
-                .map(|(i, e)| Fields::from(e).validate(stamp).map_err(|err| at(i, err)))
+                .map(|(i, e)| Fields::from(e.0).validate(stamp).map_err(|err| at(i, err)))
                 .collect()
         }
         Parser::Simd => {
@@ -693,6 +724,14 @@ mod tests {
         );
         assert_eq!(code(br#"[{"type":"a"},{"data":1}]"#, 10), "missing_type");
         assert_eq!(code(br#"{"type":"a"}"#, 10), "invalid_json");
+        // A positional array is not an event, in a batch as alone.
+        assert_eq!(code(br#"[["a",null]]"#, 10), "invalid_json");
+        assert_eq!(
+            both(|p| parse_one(br#"["a",null]"#, p, &mut stamp())
+                .unwrap_err()
+                .code),
+            "invalid_json"
+        );
     }
 
     #[test]

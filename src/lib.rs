@@ -19,10 +19,14 @@
 //!                  shard    wakes each waiting request → 200 after commit
 //! ```
 //!
+//! Beside the path, `checkpoint` copies the WAL into the database on its own
+//! thread, so no commit waits for a checkpoint's fsync.
+//!
 //! `config` holds every setting (raw TOML → validated `Config`), `limits` the
 //! fixed ones, `server` the process lifecycle.
 
 pub mod accept;
+pub mod checkpoint;
 pub mod config;
 pub mod event;
 pub mod http;

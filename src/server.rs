@@ -86,12 +86,16 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         control_rxs.push(r);
     }
 
+    let checkpointer = crate::checkpoint::Checkpointer::spawn(&cfg.database)
+        .map_err(|e| start_err("cannot start the checkpoint thread", e))?;
     let writer = Writer::new(
         conn,
         index.clone(),
         writer_rx,
         reply_txs,
         cfg.writer.batch_events_max,
+        &checkpointer,
+        cfg.database.busy_timeout,
     )
     .map_err(|e| start_err("cannot start writer", e))?;
     let writer_cpu = cfg.writer.cpu;
@@ -150,6 +154,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         ),
         Err(_) => return Err(StartError("writer thread panicked".into())),
     }
+    checkpointer.stop();
     drop(index);
     Ok(())
 }

@@ -117,6 +117,22 @@ pub fn open_writer(cfg: &DatabaseConfig) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// A second read-write connection for the checkpoint thread: same durability
+/// setting, so its checkpoints fsync as the writer's would have.
+pub fn open_checkpointer(cfg: &DatabaseConfig) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        &cfg.path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(cfg.busy_timeout)?;
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous={}; PRAGMA journal_size_limit={};",
+        cfg.synchronous.pragma(),
+        cfg.journal_size_limit_bytes
+    ))?;
+    Ok(conn)
+}
+
 /// Open read-only (for checks and, later, readers).
 pub fn open_reader(cfg: &DatabaseConfig) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(

@@ -7,12 +7,16 @@
 //! then answers: one message per shard per commit. A client's 2xx therefore
 //! always follows the commit of its events (group commit).
 
+use crate::checkpoint::WalWatch;
 use crate::event::{Event, NewEvent};
 use crate::index::Index;
 use crate::storage;
 use rusqlite::{Connection, TransactionBehavior};
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// A group commit slower than this is logged with where its time went.
+const SLOW_COMMIT_WARN: Duration = Duration::from_millis(100);
 
 /// What a request asks for; decides the shape of its answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +85,8 @@ pub struct Writer {
     /// The index missed a commit (its own commit failed); bring it up to date first.
     index_behind: bool,
     carry: Option<ToWriter>,
+    /// Nudges the checkpoint thread as the WAL grows.
+    wal: WalWatch,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -116,8 +122,11 @@ impl Writer {
         rx: flume::Receiver<ToWriter>,
         shards: Vec<flume::Sender<FromWriter>>,
         batch_events_max: usize,
+        checkpointer: &crate::checkpoint::Checkpointer,
+        busy_timeout: Duration,
     ) -> Result<Writer, rusqlite::Error> {
         let head = storage::head(&conn)?;
+        let wal = WalWatch::install(&conn, checkpointer, busy_timeout)?;
         Ok(Writer {
             conn,
             index,
@@ -127,6 +136,7 @@ impl Writer {
             head,
             index_behind: false,
             carry: None,
+            wal,
         })
     }
 
@@ -134,6 +144,7 @@ impl Writer {
     pub fn run(mut self) -> WriterStats {
         let mut stats = WriterStats::default();
         while let Some(group) = self.next_group() {
+            self.wal.between_commits();
             let started = Instant::now();
             let n = self.commit_group(group);
             stats.commits += 1;
@@ -236,10 +247,12 @@ impl Writer {
         group: Vec<ToWriter>,
         answers: &mut [Vec<(u64, Outcome)>],
     ) -> Result<usize, StorageError> {
+        let t0 = Instant::now();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut w = self.index.env.write_txn()?;
+        let t_begin = t0.elapsed();
         let mut next = self.head + 1;
         {
             let mut stmt = tx.prepare_cached(storage::INSERT_EVENT)?;
@@ -259,13 +272,27 @@ impl Writer {
             return Ok(0);
         }
         self.index.set_head(&mut w, next - 1)?;
+        let t_apply = t0.elapsed();
         tx.commit()?;
         // From here the events are durable: the index only follows SQLite.
         self.head = next - 1;
+        let t_commit = t0.elapsed();
+        self.wal.after_commit();
         if let Err(e) = w.commit() {
             tracing::error!(error = %e, "index commit failed after SQLite commit; re-indexing from SQLite");
             self.index_behind = true;
             self.resync_index();
+        }
+        let total = t0.elapsed();
+        if total >= SLOW_COMMIT_WARN {
+            tracing::warn!(
+                events = written,
+                begin_ms = t_begin.as_millis() as u64,
+                apply_ms = (t_apply - t_begin).as_millis() as u64,
+                sqlite_commit_ms = (t_commit - t_apply).as_millis() as u64,
+                index_commit_ms = (total - t_commit).as_millis() as u64,
+                "slow group commit"
+            );
         }
         Ok(written)
     }

@@ -204,8 +204,18 @@ fn expected_version_conflicts_get_409_with_the_current_version() {
 
 #[test]
 fn batches_are_all_or_nothing() {
+    batches_are_all_or_nothing_with(&[]);
+}
+
+#[test]
+fn the_simd_json_parser_gives_the_same_answers_when_switched_on() {
+    // Off by default (serde_json measured faster); an operator may turn it on.
+    batches_are_all_or_nothing_with(&[("SHARDCAST_API_SIMD_JSON_MIN_BYTES", "1")]);
+}
+
+fn batches_are_all_or_nothing_with(env: &[(&str, &str)]) {
     let dir = TempDir::new("batch");
-    let s = Server::start(dir.path(), &[]);
+    let s = Server::start(dir.path(), env);
     let r = post_json(
         &s,
         "/events/batch",

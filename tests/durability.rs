@@ -312,3 +312,51 @@ fn concurrent_writers_get_unique_contiguous_positions() {
     v.sort();
     assert_eq!(v, (1..=800).collect::<Vec<u64>>());
 }
+
+#[test]
+fn the_wal_stays_bounded_under_sustained_writes() {
+    // SQLite's inline autocheckpoint is off on the writer; the checkpoint
+    // thread must keep the WAL near journal_size_limit on its own, under
+    // continuous writes. (How short the writer's pauses are is a latency
+    // matter, measured by scripts/bench-ingest.sh, not asserted here.)
+    let dir = TempDir::new("wal");
+    let limit: u64 = 1 << 20;
+    let s = Server::start(
+        dir.path(),
+        &[
+            ("SHARDCAST_DATABASE_WAL_AUTOCHECKPOINT", "64"),
+            ("SHARDCAST_DATABASE_JOURNAL_SIZE_LIMIT", &limit.to_string()),
+        ],
+    );
+    let wal = dir.path().join("events.db-wal");
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = load(&s, 4, stop.clone());
+    let pad = "x".repeat(2000);
+    let mut conn = s.conn();
+    let mut largest = 0u64;
+    let mut written = 0usize;
+    // ~40 MiB through a WAL allowed to hold ~1 MiB (plus what one round adds).
+    for i in 0..200 {
+        let evs: Vec<_> = (0..100)
+            .map(|k| json!({"type":"pad","id":format!("p{i}-{k}"),"data":{"pad":pad}}))
+            .collect();
+        let r = conn.request(
+            "POST",
+            "/events/batch",
+            &[("Content-Type", "application/json")],
+            &serde_json::to_vec(&evs).unwrap(),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        written += 100;
+        largest = largest.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let acked: usize = clients.into_iter().map(|c| c.join().unwrap().len()).sum();
+    assert!(
+        largest < 16 * limit,
+        "WAL reached {largest} bytes with journal_size_limit {limit}"
+    );
+    let head = s.get("/position").json()["position"].as_u64().unwrap() as usize;
+    assert_eq!(head, written + acked, "every acknowledged event is stored");
+    assert_eq!(stored_ids(&dir.path().join("events.db")).len(), head);
+}

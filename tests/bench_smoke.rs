@@ -1,0 +1,85 @@
+//! The ingestion benchmark in its small mode, so it cannot rot: the same
+//! `scripts/bench-ingest.sh` users run, against this build's binary, for one
+//! short run. It asserts what the script measures is sane (requests answered,
+//! no errors, every acknowledged event stored); the speed targets themselves
+//! live in docs/benchmarks.md, never in a timed test.
+//!
+//! Skips, saying why, when wrk is not installed (`.ci/run` installs it).
+
+mod common;
+use std::collections::HashMap;
+use std::process::Command;
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// `name k=v k=v …` → the values of one result line.
+fn fields(line: &str) -> HashMap<String, f64> {
+    line.split_whitespace()
+        .skip(if line.starts_with("MEDIAN") { 2 } else { 1 })
+        .filter_map(|kv| kv.split_once('='))
+        .filter_map(|(k, v)| v.parse().ok().map(|v| (k.to_string(), v)))
+        .collect()
+}
+
+#[test]
+fn bench_ingest_runs_in_small_mode() {
+    if !have("wrk") {
+        eprintln!(
+            "SKIPPED bench_ingest_runs_in_small_mode: wrk is not installed (apt-get install wrk)"
+        );
+        return;
+    }
+    let out = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/bench-ingest.sh"
+        ))
+        .env("SHARDCAST_BIN", common::BIN)
+        .env("DURATION", "1s")
+        .env("RUNS", "1")
+        .env("CONNECTIONS", "8")
+        .env("THREADS", "1")
+        .env("BATCH_SIZE", "20")
+        .output()
+        .expect("run scripts/bench-ingest.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "bench-ingest failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    let line = |name: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("MEDIAN {name} ")))
+            .map(fields)
+            .unwrap_or_else(|| panic!("no MEDIAN {name} line in:\n{stdout}"))
+    };
+    for name in ["single", "batch"] {
+        let m = line(name);
+        assert!(m["req_s"] > 0.0, "{name}: {stdout}");
+        assert_eq!(m["errors"], 0.0, "{name}: {stdout}");
+        assert_eq!(m["non2xx"], 0.0, "{name}: {stdout}");
+        assert!(m["p99_us"] >= m["p50_us"], "{name}: {stdout}");
+    }
+    let batch = line("batch");
+    assert!(
+        (batch["events_s"] / batch["req_s"] - 20.0).abs() < 0.5,
+        "events/s counts the batch size: {stdout}"
+    );
+    if have("nginx") || std::path::Path::new("/usr/sbin/nginx").exists() {
+        assert!(line("nginx")["req_s"] > 0.0, "{stdout}");
+        assert!(stdout.contains("RATIO single/nginx"), "{stdout}");
+    } else {
+        assert!(stdout.contains("nginx is not installed"), "{stdout}");
+    }
+    // The script compares acknowledged with stored and fails on a shortfall;
+    // check it printed both.
+    assert!(stdout.contains("# acknowledged events: "), "{stdout}");
+}
