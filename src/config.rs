@@ -72,6 +72,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub index: IndexConfig,
     pub log: LogConfig,
+    pub sse: SseConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -129,6 +130,8 @@ pub struct DatabaseConfig {
     pub busy_timeout: Duration,
     pub wal_autocheckpoint_pages: u32,
     pub journal_size_limit_bytes: i64,
+    /// Read-only connections (one thread each) serving catch-up and reads.
+    pub read_connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -136,6 +139,33 @@ pub struct IndexConfig {
     /// LMDB environment directory; empty in the file means `<database dir>/index`.
     pub path: PathBuf,
     pub map_size_bytes: usize,
+}
+
+/// What to do with an SSE client that falls `client_buffer_events` behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlowClient {
+    /// Serve it from SQLite until it catches up with the ring again.
+    CatchUp,
+    /// Close it; it reconnects with `Last-Event-ID` and catches up then.
+    Disconnect,
+}
+
+#[derive(Debug, Clone)]
+pub struct SseConfig {
+    /// Encoded frames each shard keeps for its connections' cursors.
+    pub ring_events: usize,
+    /// How far behind the ring's newest event a connection may fall.
+    pub client_buffer_events: usize,
+    pub slow_client: SlowClient,
+    /// SSE connections per process (split evenly across shards); 503 beyond.
+    pub max_connections: usize,
+    /// SSE connections per API key (per shard); 429 beyond.
+    pub max_per_key: usize,
+    pub heartbeat_interval: Duration,
+    /// `retry:` sent on connect, in milliseconds.
+    pub retry_ms: u64,
+    /// Events read from SQLite per catch-up query.
+    pub catch_up_batch_events: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -164,6 +194,8 @@ pub struct RawConfig {
     pub index: RawIndex,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub sse: RawSse,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -214,6 +246,7 @@ pub struct RawDatabase {
     pub busy_timeout: Option<String>,
     pub wal_autocheckpoint: Option<i64>,
     pub journal_size_limit: Option<i64>,
+    pub read_connections: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -221,6 +254,19 @@ pub struct RawDatabase {
 pub struct RawIndex {
     pub path: Option<String>,
     pub map_size: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSse {
+    pub ring_events: Option<i64>,
+    pub client_buffer_events: Option<i64>,
+    pub slow_client: Option<String>,
+    pub max_connections: Option<i64>,
+    pub max_per_key: Option<i64>,
+    pub heartbeat_interval: Option<String>,
+    pub retry_ms: Option<i64>,
+    pub catch_up_batch_events: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -327,10 +373,19 @@ pub const KEYS: &[(&str, &str)] = &[
     ("database", "busy_timeout"),
     ("database", "wal_autocheckpoint"),
     ("database", "journal_size_limit"),
+    ("database", "read_connections"),
     ("index", "path"),
     ("index", "map_size"),
     ("log", "level"),
     ("log", "format"),
+    ("sse", "ring_events"),
+    ("sse", "client_buffer_events"),
+    ("sse", "slow_client"),
+    ("sse", "max_connections"),
+    ("sse", "max_per_key"),
+    ("sse", "heartbeat_interval"),
+    ("sse", "retry_ms"),
+    ("sse", "catch_up_batch_events"),
 ];
 
 /// ebuse's environment names and the key each one sets.
@@ -357,7 +412,7 @@ fn set_raw(raw: &mut RawConfig, section: &str, key: &str, v: String) -> Result<(
             _ => Err(err(&name, format!("'{v}' is not a boolean"))),
         }
     };
-    if key.ends_with("timeout") {
+    if key.ends_with("timeout") || key.ends_with("interval") {
         parse_duration(&v).map_err(|m| err(&name, m))?;
     }
     match (section, key) {
@@ -390,6 +445,15 @@ fn set_raw(raw: &mut RawConfig, section: &str, key: &str, v: String) -> Result<(
         ("index", "map_size") => raw.index.map_size = Some(int(&v)?),
         ("log", "level") => raw.log.level = Some(v),
         ("log", "format") => raw.log.format = Some(v),
+        ("database", "read_connections") => raw.database.read_connections = Some(int(&v)?),
+        ("sse", "ring_events") => raw.sse.ring_events = Some(int(&v)?),
+        ("sse", "client_buffer_events") => raw.sse.client_buffer_events = Some(int(&v)?),
+        ("sse", "slow_client") => raw.sse.slow_client = Some(v),
+        ("sse", "max_connections") => raw.sse.max_connections = Some(int(&v)?),
+        ("sse", "max_per_key") => raw.sse.max_per_key = Some(int(&v)?),
+        ("sse", "heartbeat_interval") => raw.sse.heartbeat_interval = Some(v),
+        ("sse", "retry_ms") => raw.sse.retry_ms = Some(int(&v)?),
+        ("sse", "catch_up_batch_events") => raw.sse.catch_up_batch_events = Some(int(&v)?),
         _ => return Err(err(&name, "unknown key")),
     }
     Ok(())
@@ -647,6 +711,12 @@ impl Config {
                 -1,
                 i64::MAX,
             )?,
+            read_connections: range(
+                need(d.read_connections, "database.read_connections")?,
+                "database.read_connections",
+                1,
+                256,
+            )? as usize,
             path,
         };
         let i = raw.index;
@@ -688,6 +758,68 @@ impl Config {
                 }
             },
         };
+        let e = raw.sse;
+        let sse = SseConfig {
+            ring_events: range(
+                need(e.ring_events, "sse.ring_events")?,
+                "sse.ring_events",
+                16,
+                1 << 24,
+            )? as usize,
+            client_buffer_events: range(
+                need(e.client_buffer_events, "sse.client_buffer_events")?,
+                "sse.client_buffer_events",
+                1,
+                1 << 24,
+            )? as usize,
+            slow_client: match need(e.slow_client, "sse.slow_client")?.as_str() {
+                "catch_up" => SlowClient::CatchUp,
+                "disconnect" => SlowClient::Disconnect,
+                other => {
+                    return Err(err(
+                        "sse.slow_client",
+                        format!("'{other}' is not one of catch_up, disconnect"),
+                    ))
+                }
+            },
+            max_connections: range(
+                need(e.max_connections, "sse.max_connections")?,
+                "sse.max_connections",
+                0,
+                10_000_000,
+            )? as usize,
+            max_per_key: range(
+                need(e.max_per_key, "sse.max_per_key")?,
+                "sse.max_per_key",
+                0,
+                10_000_000,
+            )? as usize,
+            heartbeat_interval: dur(e.heartbeat_interval, "sse.heartbeat_interval")?,
+            retry_ms: range(
+                need(e.retry_ms, "sse.retry_ms")?,
+                "sse.retry_ms",
+                0,
+                3_600_000,
+            )? as u64,
+            catch_up_batch_events: range(
+                need(e.catch_up_batch_events, "sse.catch_up_batch_events")?,
+                "sse.catch_up_batch_events",
+                1,
+                100_000,
+            )? as usize,
+        };
+        if sse.client_buffer_events > sse.ring_events {
+            return Err(err(
+                "sse.client_buffer_events",
+                format!(
+                    "{} exceeds sse.ring_events {}: a client may not lag further than the ring reaches",
+                    sse.client_buffer_events, sse.ring_events
+                ),
+            ));
+        }
+        if sse.heartbeat_interval.is_zero() {
+            return Err(err("sse.heartbeat_interval", "must be greater than zero"));
+        }
         tracing_subscriber::EnvFilter::try_new(&log.level)
             .map_err(|e| err("log.level", format!("'{}': {e}", log.level)))?;
         Ok(Config {
@@ -698,6 +830,7 @@ impl Config {
             database,
             index,
             log,
+            sse,
         })
     }
 }
@@ -743,7 +876,20 @@ impl RawConfig {
             mmap_size,
             busy_timeout,
             wal_autocheckpoint,
-            journal_size_limit
+            journal_size_limit,
+            read_connections
+        );
+        pick!(
+            out.sse,
+            other.sse,
+            ring_events,
+            client_buffer_events,
+            slow_client,
+            max_connections,
+            max_per_key,
+            heartbeat_interval,
+            retry_ms,
+            catch_up_batch_events
         );
         pick!(out.index, other.index, path, map_size);
         pick!(out.log, other.log, level, format);
