@@ -66,6 +66,8 @@ pub struct RequestHead {
     pub content_type: ContentType,
     /// `X-API-Key`, or the token of `Authorization: Bearer`.
     pub api_key: Option<Range<usize>>,
+    /// `Last-Event-ID` (an SSE client resuming).
+    pub last_event_id: Option<Range<usize>>,
 }
 
 /// An error answer. `close` ends the connection after it is written.
@@ -290,6 +292,7 @@ pub fn parse_head(buf: &[u8], max_header_bytes: usize) -> Parsed {
         expect_continue: false,
         content_type: ContentType::Missing,
         api_key: None,
+        last_event_id: None,
     };
     for h in req.headers.iter() {
         let name = h.name;
@@ -344,6 +347,8 @@ pub fn parse_head(buf: &[u8], max_header_bytes: usize) -> Parsed {
             if value.len() > 7 && value[..7].eq_ignore_ascii_case(b"bearer ") {
                 head.api_key = Some(range_of(buf, trim(&value[7..])));
             }
+        } else if name.eq_ignore_ascii_case("last-event-id") {
+            head.last_event_id = Some(range_of(buf, value));
         } else if name.eq_ignore_ascii_case("expect") {
             head.expect_continue = value.eq_ignore_ascii_case(b"100-continue");
         }
@@ -499,6 +504,34 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 continue;
             }
         };
+
+        // SSE: the connection becomes a subscription; the request buffer goes.
+        if route == route::Route::Subscribe {
+            let pending = rb.pending();
+            let query = std::str::from_utf8(&pending[head.query.clone()]).unwrap_or("");
+            let last_id = head
+                .last_event_id
+                .clone()
+                .map(|r| String::from_utf8_lossy(&pending[r]).into_owned());
+            let key = route::presented_key(&shard, &head, query, pending);
+            match crate::sse::subscription(query, last_id.as_deref(), key.as_deref()) {
+                Ok(sub) => {
+                    if flush(&mut stream, &mut out).await.is_err() {
+                        return;
+                    }
+                    drop(rb);
+                    drop(out);
+                    drop(registration);
+                    crate::sse::serve(shard.clone(), stream, sub).await;
+                    return;
+                }
+                Err(e) => {
+                    e.write(&mut out, keep_alive);
+                    rb.consume(head.head_len);
+                    continue;
+                }
+            }
+        }
 
         // 3. The body.
         let body_len = head.content_length.unwrap_or(0);

@@ -17,6 +17,9 @@
 //!                   │        update LMDB and answer: one message per shard
 //!                   ▼
 //!                  shard    wakes each waiting request → 200 after commit
+//!                   │        and puts the committed events in its ring
+//!                  sse      each subscriber: cursor into the ring, one write
+//!                            per wakeup; behind the ring → SQLite (reader)
 //! ```
 //!
 //! Beside the path, `checkpoint` copies the WAL into the database on its own
@@ -33,8 +36,10 @@ pub mod http;
 pub mod ids;
 pub mod index;
 pub mod limits;
+pub mod reader;
 pub mod route;
 pub mod server;
 pub mod shard;
+pub mod sse;
 pub mod storage;
 pub mod writer;

@@ -15,6 +15,8 @@ pub enum Route {
     Position,
     AppendOne,
     AppendBatch,
+    /// `GET /events/subscribe`: handed to `sse` by `http`, never to `handle`.
+    Subscribe,
 }
 
 impl Route {
@@ -48,6 +50,28 @@ pub fn key_matches(expected: &[u8], given: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// The API key the request presents: a header, or (for `/events/subscribe`,
+/// since a browser's EventSource cannot set headers) `api_key` in the query.
+/// None when the server has no key configured.
+pub fn presented_key(
+    shard: &Shard,
+    head: &RequestHead,
+    query: &str,
+    buf: &[u8],
+) -> Option<Vec<u8>> {
+    shard.cfg.auth.api_key.as_ref()?;
+    match &head.api_key {
+        Some(r) => Some(buf[r.clone()].to_vec()),
+        None => {
+            let path = &buf[head.path.clone()];
+            (path == b"/events/subscribe")
+                .then(|| crate::sse::query_param(query, "api_key"))
+                .flatten()
+                .map(String::into_bytes)
+        }
+    }
+}
+
 /// Decide the route and check everything that can be checked from the head.
 pub fn resolve(
     shard: &Shard,
@@ -69,6 +93,10 @@ pub fn resolve(
         "/position" => get(Route::Position)?,
         "/events" => post(Route::AppendOne)?,
         "/events/batch" => post(Route::AppendBatch)?,
+        "/events/subscribe" => match m {
+            Method::Get => Route::Subscribe,
+            _ => return Err(method_not_allowed("GET")),
+        },
         _ => {
             return Err(ApiError::new(
                 404,
@@ -79,9 +107,10 @@ pub fn resolve(
     };
     if route != Route::Health {
         if let Some(key) = &shard.cfg.auth.api_key {
-            let given = head.api_key.clone().map(|r| &buf[r]).unwrap_or(b"");
-            if !key_matches(key.as_bytes(), given) {
-                let msg = if head.api_key.is_none() {
+            let query = std::str::from_utf8(&buf[head.query.clone()]).unwrap_or("");
+            let given = presented_key(shard, head, query, buf).unwrap_or_default();
+            if !key_matches(key.as_bytes(), &given) {
+                let msg = if given.is_empty() {
                     "missing API key: send X-API-Key or Authorization: Bearer"
                 } else {
                     "invalid API key"
@@ -147,6 +176,11 @@ pub async fn handle(
         }
         Route::Position => position(shard, out, keep_alive, is_head),
         Route::AppendOne | Route::AppendBatch => append(shard, route, body, out, keep_alive).await,
+        Route::Subscribe => Err(ApiError::new(
+            500,
+            "internal",
+            "subscriptions are served by the SSE stage",
+        )),
     };
     match result {
         Ok(()) => false,

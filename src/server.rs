@@ -86,6 +86,10 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         control_rxs.push(r);
     }
 
+    let start_head =
+        crate::storage::head(&conn).map_err(|e| start_err("cannot read the database head", e))?;
+    let reader_pool = crate::reader::ReaderPool::start(&cfg.database)
+        .map_err(|e| start_err("cannot open read connections", e))?;
     let checkpointer = crate::checkpoint::Checkpointer::spawn(&cfg.database)
         .map_err(|e| start_err("cannot start the checkpoint thread", e))?;
     let writer = Writer::new(
@@ -125,6 +129,8 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             to_writer: to_writer.clone(),
             from_writer,
             control,
+            start_head,
+            readers: reader_pool.readers.clone(),
         };
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{id}"))
@@ -155,6 +161,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         Err(_) => return Err(StartError("writer thread panicked".into())),
     }
     checkpointer.stop();
+    reader_pool.join();
     drop(index);
     Ok(())
 }

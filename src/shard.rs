@@ -28,6 +28,10 @@ pub struct Shard {
     /// Set on SIGTERM/SIGINT: answer what is in flight, then close.
     pub draining: Cell<bool>,
     pub conns: Conns,
+    /// This shard's SSE ring and subscribers.
+    pub fanout: crate::sse::Fanout,
+    /// Reads off the executor (SSE catch-up).
+    pub readers: crate::reader::Readers,
 }
 
 // ---------------------------------------------------------------------------
@@ -282,6 +286,9 @@ pub struct ShardParts {
     pub to_writer: flume::Sender<ToWriter>,
     pub from_writer: flume::Receiver<FromWriter>,
     pub control: flume::Receiver<Control>,
+    /// The head when the writer started: the first fan-out message follows it.
+    pub start_head: u64,
+    pub readers: crate::reader::Readers,
 }
 
 /// The body of one shard's executor: accept and serve until told to stop,
@@ -296,9 +303,12 @@ pub async fn run(parts: ShardParts) {
         to_writer,
         from_writer,
         control,
+        start_head,
+        readers,
     } = parts;
     // SAFETY: the fd is a bound, listening TCP socket made for this shard alone.
     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener_fd) };
+    let fanout = crate::sse::Fanout::new(start_head, cfg.sse.ring_events);
     let shard = Rc::new(Shard {
         id,
         writer: WriterClient::new(id, to_writer, &cfg),
@@ -307,12 +317,17 @@ pub async fn run(parts: ShardParts) {
         stamp: RefCell::new(Stamp::new(crate::ids::IdGen::new())),
         draining: Cell::new(false),
         conns: Conns::default(),
+        fanout,
+        readers,
     });
 
     let replies = {
         let shard = shard.clone();
         glommio::spawn_local(async move {
             while let Ok(msg) = from_writer.recv_async().await {
+                // Into the ring first: a client that reads its 200 and then
+                // subscribes from its position finds the event here.
+                shard.fanout.publish(&msg.events);
                 for (ticket, outcome) in msg.replies {
                     shard.writer.answer(ticket, outcome);
                 }
@@ -327,6 +342,7 @@ pub async fn run(parts: ShardParts) {
         let shard = shard.clone();
         glommio::spawn_local(async move { crate::accept::accept_loop(shard, listener).await })
     };
+    let heartbeat = glommio::spawn_local(crate::sse::heartbeat_loop(shard.clone()));
     tracing::debug!(shard = id, "shard started");
 
     let deadline = match control.recv_async().await {
@@ -356,6 +372,7 @@ pub async fn run(parts: ShardParts) {
     while !shard.writer.queue.borrow().is_empty() && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(1)).await;
     }
+    let _ = heartbeat.cancel().await;
     let _ = flusher.cancel().await;
     shard.writer.close();
     let _ = replies.cancel().await;

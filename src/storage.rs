@@ -159,27 +159,43 @@ pub fn id_at(conn: &Connection, position: u64) -> rusqlite::Result<Option<String
         .optional()
 }
 
+const EVENT_COLUMNS: &str = "position, id, type, data, timestamp, stream, stream_version, metadata";
+
+fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
+    Ok(Event {
+        position: r.get::<_, i64>(0)? as u64,
+        stream_version: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+        new: NewEvent {
+            id: r.get(1)?,
+            event_type: r.get(2)?,
+            data: json_bytes(r.get_ref(3)?).unwrap_or_else(|| b"null".to_vec()),
+            timestamp: r.get(4)?,
+            stream: r.get(5)?,
+            expected_version: None,
+            metadata: json_bytes(r.get_ref(7)?),
+        },
+    })
+}
+
 /// The whole event stored at `position`.
 pub fn event_at(conn: &Connection, position: u64) -> rusqlite::Result<Option<Event>> {
-    conn.prepare_cached(
-        "SELECT position, id, type, data, timestamp, stream, stream_version, metadata FROM events WHERE position = ?1",
-    )?
-    .query_row([position as i64], |r| {
-        Ok(Event {
-            position: r.get::<_, i64>(0)? as u64,
-            stream_version: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
-            new: NewEvent {
-                id: r.get(1)?,
-                event_type: r.get(2)?,
-                data: json_bytes(r.get_ref(3)?).unwrap_or_else(|| b"null".to_vec()),
-                timestamp: r.get(4)?,
-                stream: r.get(5)?,
-                expected_version: None,
-                metadata: json_bytes(r.get_ref(7)?),
-            },
-        })
-    })
+    conn.prepare_cached(&format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE position = ?1"
+    ))?
+    .query_row([position as i64], event_row)
     .optional()
+}
+
+/// Up to `limit` events from `from` on, in position order (a rowid range scan).
+pub fn events_from(conn: &Connection, from: u64, limit: usize) -> rusqlite::Result<Vec<Event>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE position >= ?1 ORDER BY position LIMIT ?2"
+    ))?;
+    let rows = stmt.query_map(
+        rusqlite::params![from.min(i64::MAX as u64) as i64, limit as i64],
+        event_row,
+    )?;
+    rows.collect()
 }
 
 /// JSON stored as BLOB (as shardcast writes it) or TEXT (as other tools may).

@@ -13,6 +13,7 @@ use crate::index::Index;
 use crate::storage;
 use rusqlite::{Connection, TransactionBehavior};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A group commit slower than this is logged with where its time went.
@@ -68,10 +69,14 @@ pub enum Outcome {
     },
 }
 
-/// Writer → shard: the answers for one shard's requests in one commit.
+/// Writer → shard: one message per shard per commit, with the answers to
+/// that shard's requests and the events the commit made durable (shared by
+/// every shard: each encodes them once into its SSE ring).
 #[derive(Debug)]
 pub struct FromWriter {
     pub replies: Vec<(u64, Outcome)>,
+    /// In position order, contiguous, following the previous message's.
+    pub events: Arc<Vec<Event>>,
 }
 
 pub struct Writer {
@@ -203,7 +208,8 @@ impl Writer {
             .iter()
             .flat_map(|m| m.requests.iter().map(move |r| (m.shard, r.ticket)))
             .collect();
-        match self.write(group, &mut answers) {
+        let mut committed = Vec::new();
+        match self.write(group, &mut answers, &mut committed) {
             Ok(written) => {
                 // Positions are contiguous: the head moved by exactly what was written.
                 assert_eq!(
@@ -211,10 +217,18 @@ impl Writer {
                     before + written as u64,
                     "positions must stay contiguous"
                 );
+                debug_assert!(committed
+                    .iter()
+                    .enumerate()
+                    .all(|(i, e)| e.position == before + 1 + i as u64));
+                let events = Arc::new(committed);
                 for (shard, replies) in answers.into_iter().enumerate() {
-                    if !replies.is_empty() {
+                    if !replies.is_empty() || !events.is_empty() {
                         // A shard that already stopped has no one left to answer.
-                        let _ = self.shards[shard].send(FromWriter { replies });
+                        let _ = self.shards[shard].send(FromWriter {
+                            replies,
+                            events: events.clone(),
+                        });
                     }
                 }
                 written
@@ -232,9 +246,13 @@ impl Writer {
                         },
                     ));
                 }
+                let none = Arc::new(Vec::new());
                 for (shard, replies) in per_shard.into_iter().enumerate() {
                     if !replies.is_empty() {
-                        let _ = self.shards[shard].send(FromWriter { replies });
+                        let _ = self.shards[shard].send(FromWriter {
+                            replies,
+                            events: none.clone(),
+                        });
                     }
                 }
                 0
@@ -246,6 +264,7 @@ impl Writer {
         &mut self,
         group: Vec<ToWriter>,
         answers: &mut [Vec<(u64, Outcome)>],
+        committed: &mut Vec<Event>,
     ) -> Result<usize, StorageError> {
         let t0 = Instant::now();
         let tx = self
@@ -259,7 +278,15 @@ impl Writer {
             for msg in group {
                 for req in msg.requests {
                     let ticket = req.ticket;
-                    let outcome = apply(&self.index, &tx, &mut stmt, &mut w, req, &mut next)?;
+                    let outcome = apply(
+                        &self.index,
+                        &tx,
+                        &mut stmt,
+                        &mut w,
+                        req,
+                        &mut next,
+                        committed,
+                    )?;
                     answers[msg.shard].push((ticket, outcome));
                 }
             }
@@ -267,6 +294,7 @@ impl Writer {
         let written = (next - 1 - self.head) as usize;
         if written == 0 {
             // Only duplicates or conflicts: nothing to make durable.
+            committed.clear();
             drop(w);
             tx.rollback()?;
             return Ok(0);
@@ -325,6 +353,7 @@ fn apply(
     w: &mut heed::RwTxn<'_>,
     req: AppendRequest,
     next: &mut u64,
+    committed: &mut Vec<Event>,
 ) -> Result<Outcome, StorageError> {
     let many = req.events.len() > 1;
     // Ids and stream versions claimed earlier in this same request.
@@ -391,8 +420,9 @@ fn apply(
                 first = first.min(position);
                 last = last.max(position);
                 if kind == AppendKind::One {
-                    one = Some((event, false));
+                    one = Some((event.clone(), false));
                 }
+                committed.push(event);
             }
             Slot::Duplicate(p) => {
                 duplicates += 1;

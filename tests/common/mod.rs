@@ -365,3 +365,140 @@ pub fn stored_ids(db: &Path) -> Vec<(u64, String)> {
         .unwrap();
     rows.map(|r| r.unwrap()).collect()
 }
+
+/// One SSE message as a client sees it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SseMessage {
+    pub id: Option<String>,
+    pub event: Option<String>,
+    pub data: String,
+}
+
+/// A minimal EventSource: sends the GET, checks the head, then parses
+/// messages (comments are counted, `retry:` remembered) per the WHATWG rules.
+pub struct SseClient {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+    pub status: u16,
+    pub head: String,
+    pub comments: usize,
+    pub retry: Option<u64>,
+}
+
+impl SseClient {
+    pub fn open(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> SseClient {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        stream.write_all(req.as_bytes()).unwrap();
+        let mut c = SseClient {
+            stream,
+            buf: Vec::new(),
+            status: 0,
+            head: String::new(),
+            comments: 0,
+            retry: None,
+        };
+        loop {
+            if let Some(end) = c.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                c.head = String::from_utf8_lossy(&c.buf[..end]).into_owned();
+                c.status = c.head[9..12].parse().unwrap();
+                c.buf.drain(..end + 4);
+                break;
+            }
+            if !c.fill() {
+                panic!("closed before a response head");
+            }
+        }
+        c
+    }
+
+    fn fill(&mut self) -> bool {
+        let mut tmp = [0u8; 65536];
+        match self.stream.read(&mut tmp) {
+            Ok(0) => false,
+            Ok(n) => {
+                self.buf.extend_from_slice(&tmp[..n]);
+                true
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => false,
+            Err(e) => panic!("SSE read: {e}"),
+        }
+    }
+
+    /// The body of a non-SSE (error) answer, by its Content-Length.
+    pub fn rest(&mut self) -> String {
+        let len: usize = self
+            .head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())
+                    .flatten()
+            })
+            .unwrap_or(0);
+        while self.buf.len() < len && self.fill() {}
+        String::from_utf8_lossy(&self.buf).into_owned()
+    }
+
+    /// The next message; None when the server closed the stream.
+    pub fn next(&mut self) -> Option<SseMessage> {
+        let mut msg = SseMessage::default();
+        let mut has_data = false;
+        loop {
+            let Some(nl) = self.buf.iter().position(|c| *c == b'\n') else {
+                if !self.fill() {
+                    return None;
+                }
+                continue;
+            };
+            let line: Vec<u8> = self.buf.drain(..=nl).collect();
+            let line = String::from_utf8(line[..line.len() - 1].to_vec()).unwrap();
+            if line.is_empty() {
+                if has_data || msg.id.is_some() || msg.event.is_some() {
+                    return Some(msg);
+                }
+                continue;
+            }
+            if line.starts_with(':') {
+                self.comments += 1;
+                continue;
+            }
+            let (field, value) = line.split_once(':').unwrap_or((&line, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match field {
+                "id" => msg.id = Some(value.to_string()),
+                "event" => msg.event = Some(value.to_string()),
+                "retry" => self.retry = value.parse().ok(),
+                "data" => {
+                    if has_data {
+                        msg.data.push('\n');
+                    }
+                    msg.data.push_str(value);
+                    has_data = true;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Messages until one with this id (inclusive).
+    pub fn until_id(&mut self, id: u64) -> Vec<SseMessage> {
+        let mut out = Vec::new();
+        while let Some(m) = self.next() {
+            let done = m.id.as_deref() == Some(&id.to_string());
+            out.push(m);
+            if done {
+                return out;
+            }
+        }
+        panic!("stream ended before id {id}; got {out:?}");
+    }
+}

@@ -1,0 +1,94 @@
+//! The reader pool: `database.read_connections` threads, each owning one
+//! read-only SQLite connection, that serve reads off the shards' executors
+//! (an io_uring executor must never block on a disk read). Shards send a job
+//! over one shared flume queue and await the answer on a one-shot channel, so
+//! a long read delays nobody else on the shard.
+//!
+//! WAL mode lets these read while the writer commits; each query sees the
+//! database as of its start, which is all a catch-up needs (it asks again for
+//! what came after).
+
+use crate::config::DatabaseConfig;
+use crate::event::Event;
+use std::thread::JoinHandle;
+
+enum Job {
+    EventsFrom {
+        from: u64,
+        limit: usize,
+        reply: flume::Sender<Result<Vec<Event>, String>>,
+    },
+}
+
+/// A handle shards clone; the threads stop when every handle is dropped.
+#[derive(Clone)]
+pub struct Readers {
+    jobs: flume::Sender<Job>,
+}
+
+pub struct ReaderPool {
+    pub readers: Readers,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl ReaderPool {
+    /// Open `cfg.read_connections` read-only connections, a thread each.
+    pub fn start(cfg: &DatabaseConfig) -> rusqlite::Result<ReaderPool> {
+        // Unbounded: the number of jobs in flight is bounded by the callers,
+        // one per catch-up in progress.
+        let (jobs, rx) = flume::unbounded::<Job>();
+        let mut threads = Vec::new();
+        for i in 0..cfg.read_connections {
+            let conn = crate::storage::open_reader(cfg)?;
+            let rx = rx.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("shardcast-read-{i}"))
+                .spawn(move || {
+                    while let Ok(job) = rx.recv() {
+                        match job {
+                            Job::EventsFrom { from, limit, reply } => {
+                                let r = crate::storage::events_from(&conn, from, limit)
+                                    .map_err(|e| e.to_string());
+                                let _ = reply.send(r);
+                            }
+                        }
+                    }
+                })
+                .map_err(|e| {
+                    rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+                        Some(format!("cannot spawn reader thread: {e}")),
+                    )
+                })?;
+            threads.push(t);
+        }
+        Ok(ReaderPool {
+            readers: Readers { jobs },
+            threads,
+        })
+    }
+
+    /// Wait for the threads once every `Readers` clone is gone.
+    pub fn join(self) {
+        let ReaderPool { readers, threads } = self;
+        drop(readers);
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Readers {
+    /// Up to `limit` stored events from `from` on, read on the pool.
+    pub async fn events_from(&self, from: u64, limit: usize) -> Result<Vec<Event>, String> {
+        let (reply, answer) = flume::bounded(1);
+        self.jobs
+            .send_async(Job::EventsFrom { from, limit, reply })
+            .await
+            .map_err(|_| "the reader pool has stopped".to_string())?;
+        answer
+            .recv_async()
+            .await
+            .map_err(|_| "a reader thread stopped".to_string())?
+    }
+}

@@ -1,0 +1,585 @@
+//! Live fan-out over Server-Sent Events, per shard.
+//!
+//! After each commit the writer sends the committed events once to every
+//! shard (in the same message as that shard's answers). The shard encodes
+//! each event into its SSE frame once and keeps the newest `sse.ring_events`
+//! frames in a ring (`Fanout`). Each subscriber is a task with a cursor (the
+//! last position it was sent); when the ring moves it wakes, gathers every
+//! pending frame that passes its filters into one buffer and writes it in one
+//! write. A subscriber whose cursor is older than the ring is served from
+//! SQLite through the reader pool, a page at a time, until the ring covers
+//! it again: the cursor is a position, so the switch has no gap and no repeat.
+//!
+//! Nothing here is shared with another core: `Rc`, `Cell`, `RefCell`.
+
+use crate::config::SlowClient;
+use crate::event::Event;
+use crate::http::ApiError;
+use crate::shard::Shard;
+use futures_lite::{AsyncRead, AsyncWriteExt};
+use glommio::net::TcpStream;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+
+/// One event, encoded once per shard.
+struct Frame {
+    position: u64,
+    event_type: Box<str>,
+    stream: Option<Box<str>>,
+    /// `id: …\nevent: …\ndata: …\n\n`
+    bytes: Box<[u8]>,
+}
+
+/// Encode one event as an SSE message: `id:` its position, `event:` its type,
+/// `data:` the stored event as JSON. The JSON is one line unless `data` held
+/// raw line breaks between tokens (JSON strings cannot hold them), in which
+/// case each line becomes its own `data:` line, as the WHATWG spec joins them
+/// back with `\n`.
+pub fn encode_frame(out: &mut Vec<u8>, e: &Event) {
+    out.extend_from_slice(b"id: ");
+    out.extend_from_slice(itoa::Buffer::new().format(e.position).as_bytes());
+    out.extend_from_slice(b"\nevent: ");
+    // A type is free text: a line break in it would end the field early.
+    for c in e.new.event_type.bytes() {
+        out.push(if c == b'\n' || c == b'\r' { b' ' } else { c });
+    }
+    let mut json = Vec::with_capacity(96 + e.new.data.len());
+    crate::event::encode_event(&mut json, e, false);
+    for line in json.split(|c| *c == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        out.extend_from_slice(b"\ndata: ");
+        out.extend_from_slice(line);
+    }
+    out.extend_from_slice(b"\n\n");
+}
+
+/// The shard's ring of frames and the subscribers waiting on it.
+pub struct Fanout {
+    ring: RefCell<VecDeque<Frame>>,
+    ring_max: usize,
+    /// Position of the newest event this shard has seen (its start head when none).
+    last: Cell<u64>,
+    waiting: RefCell<HashMap<u64, Waker>>,
+    next_sub: Cell<u64>,
+    heartbeat: Cell<u64>,
+    pub subscribers: Cell<usize>,
+    per_key: RefCell<HashMap<Box<[u8]>, usize>>,
+    pub slow_clients: Cell<u64>,
+    pub delivered: Cell<u64>,
+}
+
+impl Fanout {
+    pub fn new(start_head: u64, ring_max: usize) -> Fanout {
+        Fanout {
+            ring: RefCell::new(VecDeque::with_capacity(ring_max.min(4096))),
+            ring_max,
+            last: Cell::new(start_head),
+            waiting: RefCell::new(HashMap::new()),
+            next_sub: Cell::new(0),
+            heartbeat: Cell::new(0),
+            subscribers: Cell::new(0),
+            per_key: RefCell::new(HashMap::new()),
+            slow_clients: Cell::new(0),
+            delivered: Cell::new(0),
+        }
+    }
+
+    pub fn last(&self) -> u64 {
+        self.last.get()
+    }
+
+    /// The oldest position the ring still holds (`last + 1` when empty).
+    fn first(&self) -> u64 {
+        self.ring
+            .borrow()
+            .front()
+            .map(|f| f.position)
+            .unwrap_or(self.last.get() + 1)
+    }
+
+    /// Add a commit's events and wake every waiting subscriber.
+    pub fn publish(&self, events: &[Event]) {
+        if events.is_empty() {
+            return;
+        }
+        {
+            let mut ring = self.ring.borrow_mut();
+            for e in events {
+                // A commit that landed before this shard read its start head.
+                if e.position <= self.last.get() {
+                    continue;
+                }
+                // Cursors skip nothing only if the ring has no holes.
+                assert_eq!(
+                    e.position,
+                    self.last.get() + 1,
+                    "fan-out positions must be contiguous"
+                );
+                let mut bytes = Vec::with_capacity(128 + e.new.data.len());
+                encode_frame(&mut bytes, e);
+                if ring.len() == self.ring_max {
+                    ring.pop_front();
+                }
+                ring.push_back(Frame {
+                    position: e.position,
+                    event_type: e.new.event_type.as_str().into(),
+                    stream: e.new.stream.as_deref().map(Into::into),
+                    bytes: bytes.into_boxed_slice(),
+                });
+                self.last.set(e.position);
+            }
+        }
+        self.wake_all();
+    }
+
+    /// The heartbeat: every idle subscriber writes a comment line.
+    pub fn beat(&self) {
+        self.heartbeat.set(self.heartbeat.get() + 1);
+        self.wake_all();
+    }
+
+    fn wake_all(&self) {
+        let waiting = std::mem::take(&mut *self.waiting.borrow_mut());
+        for (_, w) in waiting {
+            w.wake();
+        }
+    }
+}
+
+/// Which events a subscriber wants.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub types: Vec<String>,
+    pub stream: Option<String>,
+}
+
+impl Filter {
+    fn matches(&self, event_type: &str, stream: Option<&str>) -> bool {
+        (self.types.is_empty() || self.types.iter().any(|t| t == event_type))
+            && self.stream.as_deref().is_none_or(|s| stream == Some(s))
+    }
+}
+
+/// Where a subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Only events committed from now on.
+    Live,
+    /// Every event after this position (`Last-Event-ID`, or `from` − 1).
+    After(u64),
+}
+
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub filter: Filter,
+    pub start: Start,
+    /// The key it authenticated with, for `sse.max_per_key`.
+    pub key: Option<Box<[u8]>>,
+}
+
+/// Counts a subscriber against the shard's caps while it lives.
+struct Slot<'a> {
+    fanout: &'a Fanout,
+    id: u64,
+    key: Option<Box<[u8]>>,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.fanout.waiting.borrow_mut().remove(&self.id);
+        self.fanout
+            .subscribers
+            .set(self.fanout.subscribers.get() - 1);
+        if let Some(k) = &self.key {
+            let mut per_key = self.fanout.per_key.borrow_mut();
+            if let Some(n) = per_key.get_mut(k) {
+                *n -= 1;
+                if *n == 0 {
+                    per_key.remove(k);
+                }
+            }
+        }
+    }
+}
+
+fn admit<'a>(shard: &'a Shard, key: Option<Box<[u8]>>) -> Result<Slot<'a>, ApiError> {
+    let f = &shard.fanout;
+    let cfg = &shard.cfg.sse;
+    // The process cap, split evenly: each shard enforces its share alone.
+    let per_shard = cfg.max_connections.div_ceil(shard.cfg.server.shards);
+    if f.subscribers.get() >= per_shard {
+        let mut e = ApiError::new(
+            503,
+            "too_many_subscribers",
+            format!(
+                "this server holds its maximum of {} SSE connections",
+                cfg.max_connections
+            ),
+        );
+        e.retry_after_secs = Some(shard.cfg.writer.retry_after_secs.max(5));
+        return Err(e);
+    }
+    if let Some(k) = &key {
+        if cfg.max_per_key > 0 && f.per_key.borrow().get(k).copied().unwrap_or(0) >= cfg.max_per_key
+        {
+            let mut e = ApiError::new(
+                429,
+                "too_many_subscriptions",
+                format!(
+                    "this API key already holds {} SSE connections",
+                    cfg.max_per_key
+                ),
+            );
+            e.retry_after_secs = Some(shard.cfg.writer.retry_after_secs.max(5));
+            return Err(e);
+        }
+        *f.per_key.borrow_mut().entry(k.clone()).or_insert(0) += 1;
+    }
+    f.subscribers.set(f.subscribers.get() + 1);
+    let id = f.next_sub.get();
+    f.next_sub.set(id + 1);
+    Ok(Slot { fanout: f, id, key })
+}
+
+/// What woke a waiting subscriber.
+enum Wake {
+    Events,
+    Heartbeat,
+    Closed,
+}
+
+/// Serve one subscriber until it goes away (or the shard drains).
+pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, sub: Subscription) {
+    let registration = shard.conns.register(stream.as_raw_fd());
+    let slot = match admit(&shard, sub.key.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            let mut out = Vec::new();
+            e.write(&mut out, false);
+            let _ = stream.write_all(&out).await;
+            return;
+        }
+    };
+    // An SSE response is written for as long as the client stays.
+    let _ = stream.set_write_timeout(None);
+    let _ = stream.set_read_timeout(None);
+    let fanout = &shard.fanout;
+    let cfg = &shard.cfg.sse;
+
+    let head = shard.index.head().unwrap_or_else(|_| fanout.last());
+    let mut out: Vec<u8> = Vec::with_capacity(256);
+    out.extend_from_slice(
+        b"HTTP/1.1 200 OK\r\nServer: shardcast\r\nContent-Type: text/event-stream\r\n\
+Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: keep-alive\r\n\r\n",
+    );
+    out.extend_from_slice(b"retry: ");
+    out.extend_from_slice(itoa::Buffer::new().format(cfg.retry_ms).as_bytes());
+    out.extend_from_slice(b"\n\n");
+    let mut cursor = match sub.start {
+        Start::Live => fanout.last().max(head),
+        Start::After(p) if p > head => {
+            // From another history (a restored backup, another server):
+            // say so and go live rather than wait for positions that may never come.
+            out.extend_from_slice(
+                b"event: reset\ndata: {\"reason\":\"last_event_id_beyond_head\",\"last_event_id\":",
+            );
+            out.extend_from_slice(itoa::Buffer::new().format(p).as_bytes());
+            out.extend_from_slice(b",\"head\":");
+            out.extend_from_slice(itoa::Buffer::new().format(head).as_bytes());
+            out.extend_from_slice(b"}\n\n");
+            head
+        }
+        Start::After(p) => p,
+    };
+    if write(&mut stream, &mut out).await.is_err() {
+        return;
+    }
+
+    let mut seen_beat = fanout.heartbeat.get();
+    let mut lagging = false;
+    let mut probe = [0u8; 64];
+    loop {
+        // 1. Behind the ring: a page from SQLite.
+        if cursor + 1 < fanout.first() {
+            match shard
+                .readers
+                .events_from(cursor + 1, cfg.catch_up_batch_events)
+                .await
+            {
+                Ok(events) => {
+                    for e in &events {
+                        if sub
+                            .filter
+                            .matches(&e.new.event_type, e.new.stream.as_deref())
+                        {
+                            encode_frame(&mut out, e);
+                            fanout.delivered.set(fanout.delivered.get() + 1);
+                        }
+                    }
+                    match events.last() {
+                        Some(e) => cursor = e.position,
+                        // Nothing stored after the cursor yet the ring starts
+                        // later: only pruning could do that; resume at the ring.
+                        None => cursor = fanout.first() - 1,
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(shard = shard.id, error = %e, "SSE catch-up read failed; closing the subscriber");
+                    return;
+                }
+            }
+            if write(&mut stream, &mut out).await.is_err() {
+                return;
+            }
+            continue;
+        }
+
+        // 2. From the ring: everything pending, at most a client buffer's worth.
+        if fanout.last() > cursor {
+            {
+                let ring = fanout.ring.borrow();
+                let first = ring.front().map(|f| f.position).unwrap_or(cursor + 1);
+                let from = (cursor + 1 - first) as usize;
+                for f in ring.range(from..).take(cfg.client_buffer_events) {
+                    if sub.filter.matches(&f.event_type, f.stream.as_deref()) {
+                        out.extend_from_slice(&f.bytes);
+                        fanout.delivered.set(fanout.delivered.get() + 1);
+                    }
+                    cursor = f.position;
+                }
+            }
+            seen_beat = fanout.heartbeat.get();
+            if write(&mut stream, &mut out).await.is_err() {
+                return;
+            }
+            // What piled up while that write waited on the client: more than
+            // its buffer means the client reads slower than events arrive.
+            let lag = fanout.last().saturating_sub(cursor);
+            if lag as usize > cfg.client_buffer_events {
+                if !lagging {
+                    lagging = true;
+                    fanout.slow_clients.set(fanout.slow_clients.get() + 1);
+                    tracing::debug!(shard = shard.id, lag, "slow SSE subscriber");
+                }
+                if cfg.slow_client == SlowClient::Disconnect {
+                    return;
+                }
+            } else {
+                lagging = false;
+            }
+            continue;
+        }
+
+        // 3. Nothing pending: wait for the ring, the heartbeat, or the peer leaving.
+        registration.set_idle(true);
+        let woke = std::future::poll_fn(|cx| {
+            // Keeps one read armed with the reactor: a closed or half-closed
+            // peer ends the subscription now, not at the next write.
+            loop {
+                match Pin::new(&mut stream).poll_read(cx, &mut probe) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Wake::Closed),
+                    // Anything a client sends on an SSE stream is ignored.
+                    Poll::Ready(Ok(_)) => continue,
+                    Poll::Pending => break,
+                }
+            }
+            if fanout.last() > cursor || cursor + 1 < fanout.first() {
+                return Poll::Ready(Wake::Events);
+            }
+            if fanout.heartbeat.get() != seen_beat {
+                return Poll::Ready(Wake::Heartbeat);
+            }
+            fanout
+                .waiting
+                .borrow_mut()
+                .insert(slot.id, cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
+        registration.set_idle(false);
+        match woke {
+            Wake::Closed => return,
+            Wake::Events => {}
+            Wake::Heartbeat => {
+                seen_beat = fanout.heartbeat.get();
+                out.extend_from_slice(b":\n\n");
+                if write(&mut stream, &mut out).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Write and release the buffer: an idle subscriber holds no write memory.
+async fn write(stream: &mut TcpStream, out: &mut Vec<u8>) -> std::io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let r = stream.write_all(out).await;
+    *out = Vec::new();
+    r
+}
+
+/// The shard's heartbeat: one timer for all its subscribers.
+pub async fn heartbeat_loop(shard: Rc<Shard>) {
+    loop {
+        glommio::timer::sleep(shard.cfg.sse.heartbeat_interval).await;
+        shard.fanout.beat();
+    }
+}
+
+/// Percent-decode one query value (`+` is a space).
+pub fn decode_query_value(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                let hex = |c: u8| (c as char).to_digit(16);
+                match (hex(b[i + 1]), hex(b[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push((h * 16 + l) as u8);
+                        i += 2;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The first value of `name` in a query string, decoded.
+pub fn query_param(query: &str, name: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (decode_query_value(k) == name).then(|| decode_query_value(v))
+        })
+        .next()
+}
+
+/// Build a subscription from the request: filters and start point.
+/// `Last-Event-ID` wins over `last_event_id`, which wins over `from`.
+pub fn subscription(
+    query: &str,
+    last_event_id: Option<&str>,
+    key: Option<&[u8]>,
+) -> Result<Subscription, ApiError> {
+    let position = |name: &str, v: &str| -> Result<u64, ApiError> {
+        v.trim().parse::<u64>().map_err(|_| {
+            ApiError::new(
+                400,
+                "invalid_parameter",
+                format!("{name} must be a position (a whole number ≥ 0), not {v:?}"),
+            )
+        })
+    };
+    let start = if let Some(id) = last_event_id.filter(|s| !s.trim().is_empty()) {
+        Start::After(position("Last-Event-ID", id)?)
+    } else if let Some(id) = query_param(query, "last_event_id").filter(|s| !s.is_empty()) {
+        Start::After(position("last_event_id", &id)?)
+    } else if let Some(from) = query_param(query, "from").filter(|s| !s.is_empty()) {
+        Start::After(position("from", &from)?.saturating_sub(1))
+    } else {
+        Start::Live
+    };
+    let types = query_param(query, "types")
+        .or_else(|| query_param(query, "type"))
+        .map(|t| {
+            t.split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    let stream = query_param(query, "stream").filter(|s| !s.is_empty());
+    Ok(Subscription {
+        filter: Filter { types, stream },
+        start,
+        key: key.map(Into::into),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::NewEvent;
+
+    fn ev(position: u64, t: &str, data: &str) -> Event {
+        Event {
+            position,
+            stream_version: None,
+            new: NewEvent {
+                id: format!("id-{position}"),
+                event_type: t.into(),
+                data: data.as_bytes().to_vec(),
+                timestamp: "2026-01-01T00:00:00Z".into(),
+                stream: None,
+                expected_version: None,
+                metadata: None,
+            },
+        }
+    }
+
+    #[test]
+    fn frames_have_id_event_and_data_lines() {
+        let mut out = Vec::new();
+        encode_frame(&mut out, &ev(7, "order.placed", r#"{"a":1}"#));
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.starts_with("id: 7\nevent: order.placed\ndata: {\"position\":7,"));
+        assert!(s.ends_with("}\n\n"));
+        assert_eq!(s.matches("\ndata: ").count(), 1);
+    }
+
+    #[test]
+    fn line_breaks_in_data_become_several_data_lines() {
+        let mut out = Vec::new();
+        encode_frame(&mut out, &ev(1, "t\nx", "{\n  \"a\": 1\r\n}"));
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.contains("event: t x\n"), "{s}");
+        assert_eq!(s.matches("\ndata: ").count(), 3, "{s}");
+        assert!(!s.contains('\r'));
+        // Joined back as the spec does, the data lines are the JSON again.
+        let joined: Vec<&str> = s.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+        let v: serde_json::Value = serde_json::from_str(&joined.join("\n")).unwrap();
+        assert_eq!(v["data"]["a"], 1);
+    }
+
+    #[test]
+    fn start_points_and_filters() {
+        let s = subscription("from=5&types=a,b&stream=s%201", None, None).unwrap();
+        assert_eq!(s.start, Start::After(4));
+        assert_eq!(s.filter.types, vec!["a", "b"]);
+        assert_eq!(s.filter.stream.as_deref(), Some("s 1"));
+        assert!(s.filter.matches("a", Some("s 1")));
+        assert!(!s.filter.matches("c", Some("s 1")));
+        assert!(!s.filter.matches("a", None));
+        let s = subscription("last_event_id=9&from=2", Some("12"), None).unwrap();
+        assert_eq!(s.start, Start::After(12));
+        let s = subscription("last_event_id=9&from=2", None, None).unwrap();
+        assert_eq!(s.start, Start::After(9));
+        assert_eq!(subscription("", None, None).unwrap().start, Start::Live);
+        assert_eq!(subscription("from=x", None, None).unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn the_ring_keeps_the_newest_and_stays_contiguous() {
+        let f = Fanout::new(10, 16);
+        assert_eq!(f.first(), 11);
+        let evs: Vec<Event> = (8..=40).map(|p| ev(p, "t", "1")).collect();
+        f.publish(&evs); // 8..=10 were before the start head: skipped
+        assert_eq!(f.last(), 40);
+        assert_eq!(f.first(), 25);
+    }
+}
