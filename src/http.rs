@@ -522,7 +522,16 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                     drop(rb);
                     drop(out);
                     drop(registration);
-                    crate::sse::serve(shard.clone(), stream, sub).await;
+                    // A task of its own: this request's state (buffers, the
+                    // request future) is freed now, not held for the
+                    // subscription's lifetime.
+                    let fut = crate::sse::serve(shard.clone(), stream, sub);
+                    tracing::trace!(
+                        bytes = std::mem::size_of_val(&fut),
+                        stream = std::mem::size_of::<TcpStream>(),
+                        "SSE task state"
+                    );
+                    glommio::spawn_local(fut).detach();
                     return;
                 }
                 Err(e) => {

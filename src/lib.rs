@@ -29,6 +29,7 @@
 //! fixed ones, `server` the process lifecycle.
 
 pub mod accept;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod event;

@@ -28,6 +28,61 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Load tools for measuring a running server (see docs/benchmarks.md).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Hold N SSE subscribers, publish M events, report deliveries/s,
+    /// delivery ratio, publish→deliver latency and server RSS per connection.
+    Sse(SseArgs),
+}
+
+#[derive(clap::Args)]
+struct SseArgs {
+    /// The server, as host:port.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: std::net::SocketAddr,
+    /// shardcast, or nginx with the nchan module.
+    #[arg(long, value_enum, default_value = "shardcast")]
+    target: TargetArg,
+    /// Subscribe path (default: /events/subscribe, or /sub/bench for nchan).
+    #[arg(long)]
+    sub_path: Option<String>,
+    /// Publish path (default: /events, or /pub/bench for nchan).
+    #[arg(long)]
+    pub_path: Option<String>,
+    /// Sent as X-API-Key.
+    #[arg(long, env = "API_KEY")]
+    api_key: Option<String>,
+    /// Subscriber connections to hold.
+    #[arg(long, short = 'n', default_value_t = 1000)]
+    connections: usize,
+    /// Events to publish.
+    #[arg(long, short = 'm', default_value_t = 200)]
+    events: usize,
+    /// Events per second (0: as fast as the server answers).
+    #[arg(long, default_value_t = 20.0)]
+    rate: f64,
+    /// The server's pid, to report its RSS per idle connection.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Seconds to wait for deliveries after the last publish.
+    #[arg(long, default_value_t = 30)]
+    drain_secs: u64,
+    /// Publishing connections (each pipelines its share of the events).
+    #[arg(long, default_value_t = 4)]
+    publishers: usize,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TargetArg {
+    Shardcast,
+    Nchan,
 }
 
 fn init_logs(cfg: &Config) {
@@ -62,6 +117,9 @@ fn main() -> ExitCode {
     let config_file = match cli.command {
         None => None,
         Some(Command::Serve { config }) => config,
+        Some(Command::Bench {
+            what: BenchCommand::Sse(a),
+        }) => return bench_sse(a),
     };
     let cfg = match Config::load(config_file.as_deref(), &ProcessEnv) {
         Ok(c) => c,
@@ -75,6 +133,38 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("shardcast: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn bench_sse(a: SseArgs) -> ExitCode {
+    use shardcast::bench::{SseBench, Target};
+    let (target, sub, publ) = match a.target {
+        TargetArg::Shardcast => (Target::Shardcast, "/events/subscribe", "/events"),
+        TargetArg::Nchan => (Target::Nchan, "/sub/bench", "/pub/bench"),
+    };
+    let b = SseBench {
+        target,
+        addr: a.addr,
+        sub_path: a.sub_path.unwrap_or_else(|| sub.to_string()),
+        pub_path: a.pub_path.unwrap_or_else(|| publ.to_string()),
+        api_key: a.api_key.filter(|k| !k.is_empty()),
+        connections: a.connections,
+        events: a.events,
+        rate: a.rate,
+        server_pid: a.server_pid,
+        connect_parallel: 256,
+        drain: std::time::Duration::from_secs(a.drain_secs),
+        publishers: a.publishers,
+    };
+    match shardcast::bench::run_sse(b) {
+        Ok(r) => {
+            println!("{}", r.line());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("shardcast bench sse: {e}");
             ExitCode::from(1)
         }
     }

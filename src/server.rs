@@ -38,9 +38,36 @@ fn pin_current_thread(cpu: usize) {
     }
 }
 
+/// Raise RLIMIT_NOFILE's soft limit to the hard one; returns the new soft limit.
+pub fn raise_nofile() -> u64 {
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return 0;
+        }
+        if r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+        r.rlim_cur
+    }
+}
+
 /// Run the server until a shutdown signal; returns once everything stopped.
 pub fn run(cfg: Config) -> Result<(), StartError> {
     let cfg = Arc::new(cfg);
+    // Every connection is a descriptor; 10,000 subscribers need more than the
+    // usual soft limit of 1,024. The hard limit is the administrator's word.
+    let nofile = raise_nofile();
+    let wanted = cfg.sse.max_connections + 1024;
+    if (nofile as usize) < wanted {
+        tracing::warn!(
+            nofile,
+            wanted,
+            "RLIMIT_NOFILE is below the connection caps: raise LimitNOFILE"
+        );
+    }
     if cfg.auth.api_key.is_none() {
         tracing::warn!(listen = %cfg.server.listen, "no API key configured: every request is accepted; listening on loopback only");
     }

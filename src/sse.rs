@@ -70,6 +70,10 @@ pub struct Fanout {
     per_key: RefCell<HashMap<Box<[u8]>, usize>>,
     pub slow_clients: Cell<u64>,
     pub delivered: Cell<u64>,
+    /// Where a woken subscriber gathers its frames. One per shard: a
+    /// subscriber uses it only between two awaits, so no allocation per
+    /// delivery and none held by idle subscribers.
+    scratch: RefCell<Vec<u8>>,
 }
 
 impl Fanout {
@@ -85,6 +89,7 @@ impl Fanout {
             per_key: RefCell::new(HashMap::new()),
             slow_clients: Cell::new(0),
             delivered: Cell::new(0),
+            scratch: RefCell::new(Vec::new()),
         }
     }
 
@@ -301,15 +306,18 @@ Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: keep-alive\r\n\r
 
     let mut seen_beat = fanout.heartbeat.get();
     let mut lagging = false;
-    let mut probe = [0u8; 64];
+    let mut probe = [0u8; 8];
     loop {
         // 1. Behind the ring: a page from SQLite.
         if cursor + 1 < fanout.first() {
-            match shard
-                .readers
-                .events_from(cursor + 1, cfg.catch_up_batch_events)
-                .await
-            {
+            // Boxed: the read's channel futures would otherwise sit in every
+            // idle subscriber's task state.
+            let read = Box::pin(
+                shard
+                    .readers
+                    .events_from(cursor + 1, cfg.catch_up_batch_events),
+            );
+            match read.await {
                 Ok(events) => {
                     for e in &events {
                         if sub
@@ -342,14 +350,25 @@ Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: keep-alive\r\n\r
         if fanout.last() > cursor {
             {
                 let ring = fanout.ring.borrow();
+                let mut scratch = fanout.scratch.borrow_mut();
+                scratch.clear();
                 let first = ring.front().map(|f| f.position).unwrap_or(cursor + 1);
                 let from = (cursor + 1 - first) as usize;
                 for f in ring.range(from..).take(cfg.client_buffer_events) {
                     if sub.filter.matches(&f.event_type, f.stream.as_deref()) {
-                        out.extend_from_slice(&f.bytes);
+                        scratch.extend_from_slice(&f.bytes);
                         fanout.delivered.set(fanout.delivered.get() + 1);
                     }
                     cursor = f.position;
+                }
+                // Usually the socket takes it all at once; only what it
+                // does not take is copied out to wait for the client.
+                match send_now(stream.as_raw_fd(), &scratch) {
+                    Ok(sent) => out.extend_from_slice(&scratch[sent..]),
+                    Err(()) => return,
+                }
+                if scratch.capacity() > SCRATCH_KEEP_BYTES {
+                    *scratch = Vec::new();
                 }
             }
             seen_beat = fanout.heartbeat.get();
@@ -406,12 +425,41 @@ Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: keep-alive\r\n\r
             Wake::Events => {}
             Wake::Heartbeat => {
                 seen_beat = fanout.heartbeat.get();
-                out.extend_from_slice(b":\n\n");
+                match send_now(stream.as_raw_fd(), b":\n\n") {
+                    Ok(sent) => out.extend_from_slice(&b":\n\n"[sent..]),
+                    Err(()) => return,
+                }
                 if write(&mut stream, &mut out).await.is_err() {
                     return;
                 }
             }
         }
+    }
+}
+
+/// The shard's scratch buffer is released above this size.
+const SCRATCH_KEEP_BYTES: usize = 1 << 20;
+
+/// Send without waiting; returns how much the socket took (0 when full).
+fn send_now(fd: std::os::fd::RawFd, buf: &[u8]) -> Result<usize, ()> {
+    if buf.is_empty() {
+        return Ok(0);
+    }
+    // SAFETY: send(2) reads `buf` for its length on a socket we own.
+    let n = unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n >= 0 {
+        return Ok(n as usize);
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(0),
+        _ => Err(()),
     }
 }
 

@@ -83,3 +83,40 @@ fn bench_ingest_runs_in_small_mode() {
     // check it printed both.
     assert!(stdout.contains("# acknowledged events: "), "{stdout}");
 }
+
+#[test]
+fn bench_sse_runs_in_small_mode() {
+    // Needs only the binary; nchan is compared when installed.
+    let out = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench-sse.sh"))
+        .env("SHARDCAST_BIN", common::BIN)
+        .env("SUBSCRIBERS", "50")
+        .env("EVENTS", "20")
+        .env("RUNS", "1")
+        .env("DRAIN_SECS", "20")
+        .output()
+        .expect("run scripts/bench-sse.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "bench-sse failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    let sc = stdout
+        .lines()
+        .find(|l| l.starts_with("MEDIAN shardcast n=50 "))
+        .map(|l| fields(&l.replacen("MEDIAN shardcast n=50", "MEDIAN x", 1)))
+        .unwrap_or_else(|| panic!("no shardcast median in:\n{stdout}"));
+    assert_eq!(sc["connections"], 50.0, "{stdout}");
+    assert_eq!(
+        sc["delivery_ratio"], 1.0,
+        "every event to every subscriber: {stdout}"
+    );
+    assert!(sc["deliveries_s"] > 0.0, "{stdout}");
+    assert!(sc["p99_us"] >= sc["p50_us"], "{stdout}");
+    if std::path::Path::new("/usr/lib/nginx/modules/ngx_nchan_module.so").exists() {
+        assert!(stdout.contains("RATIO n=50 "), "{stdout}");
+    } else {
+        assert!(stdout.contains("nchan is not installed"), "{stdout}");
+    }
+}

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# SSE fan-out benchmark: shardcast beside nginx + nchan (one worker), same
+# load, same run, same load tool (`shardcast bench sse`).
+#
+# For each subscriber count in SUBSCRIBERS, and RUNS times interleaved:
+#   1. a fresh shardcast (defaults, durable) and a fresh nginx with nchan;
+#   2. the tool opens N SSE connections to one, measures the server's RSS per
+#      idle connection, publishes EVENTS events at RATE/s, waits for delivery,
+#      and prints connections held, delivery ratio, deliveries/s, p50/p99
+#      publish→deliver latency; then the same against the other.
+# Then medians per server and count, and shardcast/nchan ratios.
+#
+# Settings (environment):
+#   SUBSCRIBERS="1000 10000"  EVENTS=100  RATE=0 (as fast as answered)  RUNS=3
+#   SHARDCAST_BIN=path   skip the build
+#   DRAIN_SECS=60        wait for deliveries after the last publish
+# Needs nginx with nchan (apt-get install nginx libnginx-mod-nchan); without
+# it shardcast runs alone and the script says so.
+#
+#   scripts/bench-sse.sh
+#   SUBSCRIBERS=200 EVENTS=20 RUNS=1 scripts/bench-sse.sh     # smoke
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
+SUBSCRIBERS=${SUBSCRIBERS:-"1000 10000"}
+EVENTS=${EVENTS:-100}
+RATE=${RATE:-0}
+RUNS=${RUNS:-3}
+DRAIN_SECS=${DRAIN_SECS:-60}
+
+if [ -z "${SHARDCAST_BIN:-}" ]; then
+  (cd "$root" && cargo build --release --quiet)
+  SHARDCAST_BIN=$root/target/release/shardcast
+fi
+
+# Both servers and the tool need a descriptor per connection.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+work=$(mktemp -d /tmp/shardcast-bench-sse.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  [ -z "${KEEP_DIR:-}" ] && rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null ||
+    echo $((20000 + RANDOM % 20000))
+}
+wait_port() {
+  for _ in $(seq 1 300); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.05
+  done
+  echo "bench-sse: nothing listens on port $1" >&2
+  exit 1
+}
+
+NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
+NCHAN_SO=$(ls /usr/lib/nginx/modules/ngx_nchan_module.so 2>/dev/null || true)
+if [ ! -x "$NGINX" ] || [ -z "$NCHAN_SO" ]; then
+  echo "bench-sse: nginx with nchan is not installed (apt-get install nginx libnginx-mod-nchan): shardcast runs alone"
+  NCHAN_SO=
+fi
+
+run_shardcast() { # N run
+  local dir=$work/sc-$1-$2 port
+  port=$(free_port)
+  mkdir -p "$dir"
+  PORT=$port DB_PATH=$dir/events.db RUST_LOG=warn "$SHARDCAST_BIN" serve >"$dir/out" 2>"$dir/log" &
+  local pid=$!
+  wait_port "$port"
+  local line
+  line=$("$SHARDCAST_BIN" bench sse --addr "127.0.0.1:$port" -n "$1" -m "$EVENTS" --rate "$RATE" \
+    --server-pid "$pid" --drain-secs "$DRAIN_SECS" | grep '^RESULT ' || true)
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  [ -n "$line" ] || { echo "bench-sse: no result from shardcast at $1"; cat "$dir/log" >&2; exit 1; }
+  echo "shardcast n=$1 ${line#RESULT }" | tee -a "$work/results"
+}
+
+run_nchan() { # N run
+  local dir=$work/nchan-$1-$2 port
+  port=$(free_port)
+  mkdir -p "$dir/logs"
+  cat >"$dir/nginx.conf" <<EOF
+load_module $NCHAN_SO;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+pid $dir/nginx.pid;
+error_log $dir/logs/error.log warn;
+events { worker_connections 19000; }
+http {
+  access_log off;
+  server {
+    listen 127.0.0.1:$port;
+    location = /pub/bench { nchan_publisher; nchan_channel_id bench; }
+    location = /sub/bench { nchan_subscriber eventsource; nchan_channel_id bench; }
+  }
+}
+EOF
+  "$NGINX" -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;' 2>"$dir/stderr" &
+  local master=$!
+  wait_port "$port"
+  # The worker holds the connections; measure its RSS.
+  local worker
+  for _ in $(seq 1 50); do
+    worker=$(pgrep -P "$master" | head -1 || true)
+    [ -n "$worker" ] && break
+    sleep 0.05
+  done
+  local line
+  line=$("$SHARDCAST_BIN" bench sse --target nchan --addr "127.0.0.1:$port" -n "$1" -m "$EVENTS" \
+    --rate "$RATE" --server-pid "$worker" --drain-secs "$DRAIN_SECS" | grep '^RESULT ' || true)
+  kill "$master"; wait "$master" 2>/dev/null || true
+  [ -n "$line" ] || { echo "bench-sse: no result from nchan at $1"; cat "$dir/stderr" "$dir/logs/error.log" >&2; exit 1; }
+  echo "nchan n=$1 ${line#RESULT }" | tee -a "$work/results"
+}
+
+echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) CPUs, $(uname -r); events=$EVENTS rate=$RATE runs=$RUNS nofile=$(ulimit -n)"
+for r in $(seq 1 "$RUNS"); do
+  for n in $SUBSCRIBERS; do
+    run_shardcast "$n" "$r"
+    [ -n "$NCHAN_SO" ] && run_nchan "$n" "$r"
+  done
+done
+
+echo "# medians of $RUNS runs"
+awk '
+  { key=$1" "$2; keys[key]=1; for (i=3;i<=NF;i++) { split($i,kv,"="); v[key, kv[1], ++c[key, kv[1]]] = kv[2] } }
+  function med(key, f,   n, i, j, t, a) {
+    n = c[key, f]; for (i=1;i<=n;i++) a[i] = v[key, f, i]
+    for (i=1;i<=n;i++) for (j=i+1;j<=n;j++) if (a[j]+0 < a[i]+0) { t=a[i]; a[i]=a[j]; a[j]=t }
+    return (n % 2) ? a[(n+1)/2] : (a[n/2] + a[n/2+1]) / 2
+  }
+  END {
+    for (key in keys) {
+      printf "MEDIAN %s connections=%d delivery_ratio=%.4f deliveries_s=%.0f p50_us=%.0f p99_us=%.0f rss_per_conn_bytes=%.0f\n",
+        key, med(key,"connections"), med(key,"delivery_ratio"), med(key,"deliveries_s"),
+        med(key,"p50_us"), med(key,"p99_us"), med(key,"rss_per_conn_bytes")
+      m[key] = med(key,"deliveries_s"); p[key] = med(key,"p99_us")
+    }
+    for (key in keys) { split(key, kk, " "); if (kk[1] == "shardcast" && (("nchan " kk[2]) in keys))
+      printf "RATIO %s deliveries_s shardcast/nchan=%.2f p99 shardcast/nchan=%.2f\n", kk[2], m[key] / m["nchan " kk[2]], p[key] / p["nchan " kk[2]] }
+  }' "$work/results" | sort
