@@ -91,6 +91,10 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// io_uring registered-buffer memory per shard; this box's memlock is 8 MiB.
     pub io_memory_bytes: usize,
+    /// Origins answered with CORS headers (`*`: any); empty: no CORS.
+    pub cors_origins: Vec<String>,
+    /// Send `Access-Control-Allow-Credentials: true` (never with `*`).
+    pub cors_allow_credentials: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -212,6 +216,8 @@ pub struct RawServer {
     pub shutdown_timeout: Option<String>,
     pub io_memory_bytes: Option<i64>,
     pub pin_cpus: Option<bool>,
+    pub cors_origins: Option<Vec<String>>,
+    pub cors_allow_credentials: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -359,6 +365,8 @@ pub const KEYS: &[(&str, &str)] = &[
     ("server", "shutdown_timeout"),
     ("server", "io_memory_bytes"),
     ("server", "pin_cpus"),
+    ("server", "cors_origins"),
+    ("server", "cors_allow_credentials"),
     ("writer", "batch_events_max"),
     ("writer", "queue_requests_max"),
     ("writer", "queue_bytes_max"),
@@ -427,6 +435,17 @@ fn set_raw(raw: &mut RawConfig, section: &str, key: &str, v: String) -> Result<(
         ("server", "shutdown_timeout") => raw.server.shutdown_timeout = Some(v),
         ("server", "io_memory_bytes") => raw.server.io_memory_bytes = Some(int(&v)?),
         ("server", "pin_cpus") => raw.server.pin_cpus = Some(boolean(&v)?),
+        ("server", "cors_origins") => {
+            raw.server.cors_origins = Some(
+                v.split(',')
+                    .map(|o| o.trim().to_string())
+                    .filter(|o| !o.is_empty())
+                    .collect(),
+            )
+        }
+        ("server", "cors_allow_credentials") => {
+            raw.server.cors_allow_credentials = Some(boolean(&v)?)
+        }
         ("writer", "batch_events_max") => raw.writer.batch_events_max = Some(int(&v)?),
         ("writer", "queue_requests_max") => raw.writer.queue_requests_max = Some(int(&v)?),
         ("writer", "queue_bytes_max") => raw.writer.queue_bytes_max = Some(int(&v)?),
@@ -593,7 +612,23 @@ impl Config {
                 64 * 1024,
                 64 << 20,
             )? as usize,
+            cors_origins: s.cors_origins.unwrap_or_default(),
+            cors_allow_credentials: s.cors_allow_credentials.unwrap_or(false),
         };
+        for o in &server.cors_origins {
+            if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+                return Err(err(
+                    "server.cors_origins",
+                    format!("'{o}' is not an origin like https://app.example.com (or *)"),
+                ));
+            }
+        }
+        if server.cors_allow_credentials && server.cors_origins.iter().any(|o| o == "*") {
+            return Err(err(
+                "server.cors_allow_credentials",
+                "browsers refuse credentials with a wildcard origin: list the origins",
+            ));
+        }
         for (key, d) in [
             ("server.read_timeout", server.read_timeout),
             ("server.write_timeout", server.write_timeout),
@@ -855,7 +890,9 @@ impl RawConfig {
             idle_timeout,
             shutdown_timeout,
             io_memory_bytes,
-            pin_cpus
+            pin_cpus,
+            cors_origins,
+            cors_allow_credentials
         );
         pick!(
             out.writer,
@@ -975,7 +1012,7 @@ mod tests {
         for (section, key) in KEYS {
             let mut raw = RawConfig::default();
             let v = match *key {
-                "pin_cpus" => "true",
+                "pin_cpus" | "cors_allow_credentials" => "true",
                 "listen" => "127.0.0.1:1",
                 "synchronous" => "full",
                 "format" => "json",

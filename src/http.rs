@@ -68,6 +68,8 @@ pub struct RequestHead {
     pub api_key: Option<Range<usize>>,
     /// `Last-Event-ID` (an SSE client resuming).
     pub last_event_id: Option<Range<usize>>,
+    /// `Origin` (a browser on some page).
+    pub origin: Option<Range<usize>>,
 }
 
 /// An error answer. `close` ends the connection after it is written.
@@ -293,6 +295,7 @@ pub fn parse_head(buf: &[u8], max_header_bytes: usize) -> Parsed {
         content_type: ContentType::Missing,
         api_key: None,
         last_event_id: None,
+        origin: None,
     };
     for h in req.headers.iter() {
         let name = h.name;
@@ -347,6 +350,8 @@ pub fn parse_head(buf: &[u8], max_header_bytes: usize) -> Parsed {
             if value.len() > 7 && value[..7].eq_ignore_ascii_case(b"bearer ") {
                 head.api_key = Some(range_of(buf, trim(&value[7..])));
             }
+        } else if name.eq_ignore_ascii_case("origin") {
+            head.origin = Some(range_of(buf, value));
         } else if name.eq_ignore_ascii_case("last-event-id") {
             head.last_event_id = Some(range_of(buf, value));
         } else if name.eq_ignore_ascii_case("expect") {
@@ -488,6 +493,24 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
         let keep_alive = head.keep_alive && !shard.draining.get();
         let pending = rb.pending();
         let path = std::str::from_utf8(&pending[head.path.clone()]).unwrap_or("");
+        let cors = head
+            .origin
+            .clone()
+            .and_then(|r| cors_lines(&shard.cfg.server, &pending[r]));
+        let answer_start = out.len();
+        if head.method == Method::Options && route::is_endpoint(path) {
+            preflight(&mut out, cors.as_deref(), keep_alive);
+            let body_len = head.content_length.unwrap_or(0);
+            if head.chunked || rb.pending().len() < head.head_len + body_len {
+                let _ = flush(&mut stream, &mut out).await;
+                return;
+            }
+            rb.consume(head.head_len + body_len);
+            if rb.start == rb.end && flush(&mut stream, &mut out).await.is_err() {
+                return;
+            }
+            continue;
+        }
         let route = match route::resolve(&shard, &head, path, pending) {
             Ok(r) => r,
             Err(e) => {
@@ -496,6 +519,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 let close =
                     e.close || head.chunked || rb.pending().len() < head.head_len + body_len;
                 e.write(&mut out, keep_alive && !close);
+                add_cors(&mut out, answer_start, cors.as_deref());
                 if close {
                     let _ = flush(&mut stream, &mut out).await;
                     return;
@@ -515,7 +539,8 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 .map(|r| String::from_utf8_lossy(&pending[r]).into_owned());
             let key = route::presented_key(&shard, &head, query, pending);
             match crate::sse::subscription(query, last_id.as_deref(), key.as_deref()) {
-                Ok(sub) => {
+                Ok(mut sub) => {
+                    sub.cors = cors;
                     if flush(&mut stream, &mut out).await.is_err() {
                         return;
                     }
@@ -536,6 +561,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 }
                 Err(e) => {
                     e.write(&mut out, keep_alive);
+                    add_cors(&mut out, answer_start, cors.as_deref());
                     rb.consume(head.head_len);
                     continue;
                 }
@@ -582,6 +608,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
         // 4. Answer.
         let req = &rb.buf[rb.start..rb.start + head.head_len + body_len];
         let close = route::handle(&shard, route, &head, req, &mut out, keep_alive).await;
+        add_cors(&mut out, answer_start, cors.as_deref());
         rb.consume(head.head_len + body_len);
         if close || !keep_alive {
             let _ = flush(&mut stream, &mut out).await;
@@ -594,6 +621,67 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
             return;
         }
     }
+}
+
+/// The CORS header lines for a request from `origin`, when it is allowed.
+pub fn cors_lines(cfg: &crate::config::ServerConfig, origin: &[u8]) -> Option<String> {
+    if cfg.cors_origins.is_empty() {
+        return None;
+    }
+    let origin = std::str::from_utf8(origin).ok()?;
+    let any = cfg.cors_origins.iter().any(|o| o == "*");
+    let listed = cfg
+        .cors_origins
+        .iter()
+        .any(|o| o.eq_ignore_ascii_case(origin));
+    if !any && !listed {
+        return None;
+    }
+    // A header value must not smuggle a line break into the answer.
+    if origin.bytes().any(|c| c < 0x20) {
+        return None;
+    }
+    let mut s = String::with_capacity(96 + origin.len());
+    if listed {
+        s.push_str("Access-Control-Allow-Origin: ");
+        s.push_str(origin);
+        s.push_str("\r\nVary: Origin\r\n");
+        if cfg.cors_allow_credentials {
+            s.push_str("Access-Control-Allow-Credentials: true\r\n");
+        }
+    } else {
+        s.push_str("Access-Control-Allow-Origin: *\r\n");
+    }
+    s.push_str("Access-Control-Expose-Headers: Retry-After\r\n");
+    Some(s)
+}
+
+/// Insert CORS lines into the answer that starts at `start` in `out`, after
+/// its status line.
+pub fn add_cors(out: &mut Vec<u8>, start: usize, cors: Option<&str>) {
+    let Some(lines) = cors else { return };
+    if let Some(eol) = out[start..].windows(2).position(|w| w == b"\r\n") {
+        let at = start + eol + 2;
+        out.splice(at..at, lines.bytes());
+    }
+}
+
+/// An OPTIONS request to an endpoint: the CORS preflight (or plain OPTIONS).
+fn preflight(out: &mut Vec<u8>, cors: Option<&str>, keep_alive: bool) {
+    out.extend_from_slice(b"HTTP/1.1 204 No Content\r\nServer: shardcast\r\n");
+    out.extend_from_slice(b"Allow: GET, HEAD, POST, PUT, OPTIONS\r\n");
+    if let Some(lines) = cors {
+        out.extend_from_slice(lines.as_bytes());
+        out.extend_from_slice(
+            b"Access-Control-Allow-Methods: GET, HEAD, POST, PUT, OPTIONS\r\n\
+Access-Control-Allow-Headers: Content-Type, X-API-Key, Authorization, Last-Event-ID\r\n\
+Access-Control-Max-Age: 600\r\n",
+        );
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 async fn flush(stream: &mut TcpStream, out: &mut Vec<u8>) -> io::Result<()> {

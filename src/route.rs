@@ -72,6 +72,14 @@ pub fn presented_key(
     }
 }
 
+/// Whether a path is one of ours (for OPTIONS).
+pub fn is_endpoint(path: &str) -> bool {
+    matches!(
+        path,
+        "/health" | "/position" | "/events" | "/events/batch" | "/events/subscribe"
+    )
+}
+
 /// Decide the route and check everything that can be checked from the head.
 pub fn resolve(
     shard: &Shard,

@@ -184,6 +184,8 @@ pub struct Subscription {
     pub start: Start,
     /// The key it authenticated with, for `sse.max_per_key`.
     pub key: Option<Box<[u8]>>,
+    /// CORS header lines for the response, when the origin is allowed.
+    pub cors: Option<String>,
 }
 
 /// Counts a subscriber against the shard's caps while it lives.
@@ -258,13 +260,16 @@ enum Wake {
 }
 
 /// Serve one subscriber until it goes away (or the shard drains).
-pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, sub: Subscription) {
+pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, mut sub: Subscription) {
     let registration = shard.conns.register(stream.as_raw_fd());
-    let slot = match admit(&shard, sub.key.clone()) {
+    // Needed only for the head: not kept for the subscription's lifetime.
+    let cors = sub.cors.take();
+    let slot = match admit(&shard, sub.key.take()) {
         Ok(s) => s,
         Err(e) => {
             let mut out = Vec::new();
             e.write(&mut out, false);
+            crate::http::add_cors(&mut out, 0, cors.as_deref());
             let _ = stream.write_all(&out).await;
             return;
         }
@@ -279,8 +284,12 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, sub: Subscription) {
     let mut out: Vec<u8> = Vec::with_capacity(256);
     out.extend_from_slice(
         b"HTTP/1.1 200 OK\r\nServer: shardcast\r\nContent-Type: text/event-stream\r\n\
-Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: keep-alive\r\n\r\n",
+Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: keep-alive\r\n",
     );
+    if let Some(lines) = cors {
+        out.extend_from_slice(lines.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
     out.extend_from_slice(b"retry: ");
     out.extend_from_slice(itoa::Buffer::new().format(cfg.retry_ms).as_bytes());
     out.extend_from_slice(b"\n\n");
@@ -556,6 +565,7 @@ pub fn subscription(
         filter: Filter { types, stream },
         start,
         key: key.map(Into::into),
+        cors: None,
     })
 }
 

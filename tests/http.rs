@@ -219,3 +219,90 @@ fn idle_and_read_timeouts_close_connections() {
         "{answer:?}"
     );
 }
+
+#[test]
+fn cors_headers_and_preflight_on_every_endpoint() {
+    let dir = TempDir::new("cors");
+    let key = "cors-key-0123456789";
+    let s = Server::start(
+        dir.path(),
+        &[
+            ("API_KEY", key),
+            (
+                "SHARDCAST_SERVER_CORS_ORIGINS",
+                "https://app.example.com, https://admin.example.com",
+            ),
+            ("SHARDCAST_SERVER_CORS_ALLOW_CREDENTIALS", "true"),
+        ],
+    );
+    let app = "https://app.example.com";
+    // Preflight: no key needed, 204 with what the browser asks about.
+    for path in [
+        "/events",
+        "/events/batch",
+        "/position",
+        "/events/subscribe",
+        "/health",
+    ] {
+        let r = s.conn().request(
+            "OPTIONS",
+            path,
+            &[
+                ("Origin", app),
+                ("Access-Control-Request-Method", "POST"),
+                ("Access-Control-Request-Headers", "content-type,x-api-key"),
+            ],
+            b"",
+        );
+        assert_eq!(r.status, 204, "{path}");
+        assert_eq!(r.header("access-control-allow-origin"), Some(app), "{path}");
+        assert_eq!(r.header("access-control-allow-credentials"), Some("true"));
+        let allowed = r
+            .header("access-control-allow-headers")
+            .unwrap()
+            .to_ascii_lowercase();
+        assert!(allowed.contains("x-api-key") && allowed.contains("content-type"));
+        assert!(r
+            .header("access-control-allow-methods")
+            .unwrap()
+            .contains("POST"));
+    }
+    // Real answers carry the origin too, errors included.
+    let r = s.conn().request(
+        "POST",
+        "/events",
+        &[
+            ("Origin", app),
+            ("X-API-Key", key),
+            ("Content-Type", "application/json"),
+        ],
+        br#"{"type":"a"}"#,
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("access-control-allow-origin"), Some(app));
+    assert_eq!(r.header("vary"), Some("Origin"));
+    let r = s
+        .conn()
+        .request("GET", "/position", &[("Origin", app)], b"");
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("access-control-allow-origin"), Some(app));
+    // The SSE response head.
+    let c = SseClient::open(
+        s.addr,
+        &format!("/events/subscribe?api_key={key}"),
+        &[("Origin", app)],
+    );
+    assert_eq!(c.status, 200);
+    assert!(
+        c.head
+            .contains(&format!("Access-Control-Allow-Origin: {app}")),
+        "{}",
+        c.head
+    );
+    // Another origin gets no CORS headers (the browser then refuses the answer).
+    let r = s
+        .conn()
+        .request("GET", "/health", &[("Origin", "https://evil.example")], b"");
+    assert_eq!(r.status, 200);
+    assert!(r.header("access-control-allow-origin").is_none());
+}
