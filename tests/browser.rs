@@ -1,0 +1,204 @@
+//! A browser's view: a page in headless Chromium opens an `EventSource` on
+//! shardcast (cross-origin, so CORS is exercised too), receives live events,
+//! and, after the server is restarted, reconnects by itself with
+//! `Last-Event-ID` and receives what was published while it was away.
+//!
+//! The page reports what it received to a small HTTP server inside this test.
+//! Skips, saying why, when Chromium is not installed (`.ci/run` installs it).
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const KEY: &str = "browser-key-0123456789";
+
+fn chromium() -> Option<&'static str> {
+    [
+        "/usr/bin/chromium",
+        "/usr/bin/chromium-browser",
+        "/usr/bin/google-chrome",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Serve the page, and pass on every `/report?…` query the page sends.
+fn page_server(page: String) -> (u16, mpsc::Receiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut line = String::new();
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            // Drain the head.
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+                    break;
+                }
+            }
+            let target = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let body = if let Some(q) = target.strip_prefix("/report?") {
+                let _ = tx.send(q.to_string());
+                String::new()
+            } else {
+                page.clone()
+            };
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                body.len(),
+                body
+            );
+        }
+    });
+    (port, rx)
+}
+
+/// Wait for a report whose `ids=` list has every id in `want`.
+fn wait_for(rx: &mpsc::Receiver<String>, want: &[u64], within: Duration) -> Vec<u64> {
+    let until = Instant::now() + within;
+    let mut last = Vec::new();
+    while Instant::now() < until {
+        if let Ok(q) = rx.recv_timeout(Duration::from_millis(200)) {
+            if let Some(ids) = q.strip_prefix("ids=") {
+                last = ids
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| s.parse().unwrap())
+                    .collect();
+                if want.iter().all(|w| last.contains(w)) {
+                    return last;
+                }
+            }
+        }
+    }
+    panic!("the page did not report {want:?}; last report {last:?}");
+}
+
+#[test]
+fn an_eventsource_in_chromium_receives_live_events_and_resumes_after_a_restart() {
+    let Some(chrome) = chromium() else {
+        eprintln!("SKIPPED browser test: Chromium is not installed (apt-get install chromium)");
+        return;
+    };
+    let sc_port = free_port();
+    let page = format!(
+        r#"<!doctype html><meta charset="utf-8"><title>shardcast</title><script>
+const ids = [];
+const es = new EventSource("http://127.0.0.1:{sc_port}/events/subscribe?api_key={KEY}&types=greeting");
+es.addEventListener("greeting", (m) => {{
+  const v = JSON.parse(m.data);
+  if (String(v.position) !== m.lastEventId) throw new Error("id is not the position");
+  ids.push(v.position);
+  fetch("/report?ids=" + ids.join(","));
+}});
+</script>"#
+    );
+    let (page_port, reports) = page_server(page);
+    let dir = TempDir::new("browser");
+    let origin = format!("http://127.0.0.1:{page_port}");
+    let port_s = sc_port.to_string();
+    let env = [
+        ("API_KEY", KEY),
+        ("PORT", port_s.as_str()),
+        ("SHARDCAST_SERVER_CORS_ORIGINS", origin.as_str()),
+        ("SHARDCAST_SSE_RETRY_MS", "300"),
+    ];
+    let mut s = Server::start(dir.path(), &env);
+    let profile = TempDir::new("chromium-profile");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _browser = Kill(
+        Command::new(chrome)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-dev-shm-usage",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(format!("http://127.0.0.1:{page_port}/"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromium"),
+    );
+
+    let post = |s: &Server, t: &str| {
+        let r = s.conn().request(
+            "POST",
+            "/events",
+            &[("Content-Type", "application/json"), ("X-API-Key", KEY)],
+            format!(r#"{{"type":"{t}","data":{{"hello":"world"}}}}"#).as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["position"].as_u64().unwrap()
+    };
+    // The page connects live; publish until it reports a greeting (the first
+    // ones may be published before its EventSource is open).
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut first = Vec::new();
+    loop {
+        assert!(Instant::now() < until, "the page never reported an event");
+        post(&s, "other");
+        first.push(post(&s, "greeting"));
+        if let Ok(q) = reports.recv_timeout(Duration::from_millis(500)) {
+            if q.starts_with("ids=") {
+                break;
+            }
+        }
+    }
+    // One more, live, with the page surely connected.
+    first.push(post(&s, "greeting"));
+    let seen_live = wait_for(&reports, &[*first.last().unwrap()], Duration::from_secs(30));
+    assert!(
+        seen_live.iter().all(|p| first.contains(p)),
+        "only greetings: {seen_live:?}"
+    );
+
+    // Restart the server; publish while the page is disconnected.
+    assert!(s.terminate(Duration::from_secs(15)).success());
+    s.restart();
+    let missed = [post(&s, "greeting"), post(&s, "greeting")];
+    let all = wait_for(&reports, &missed, Duration::from_secs(30));
+    // Resumed from Last-Event-ID: nothing twice, nothing skipped after the first seen.
+    let mut sorted = all.clone();
+    sorted.dedup();
+    assert_eq!(sorted, all, "no duplicates: {all:?}");
+    let start = all[0];
+    let want: Vec<u64> = first
+        .iter()
+        .chain(missed.iter())
+        .copied()
+        .filter(|p| *p >= start)
+        .collect();
+    assert_eq!(all, want, "every greeting from the first seen on, in order");
+}
