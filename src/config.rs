@@ -73,6 +73,13 @@ pub struct Config {
     pub index: IndexConfig,
     pub log: LogConfig,
     pub sse: SseConfig,
+    pub storage: StorageConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    /// Keep the newest this many events; older ones are pruned (0: forever).
+    pub retain_events: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -200,6 +207,14 @@ pub struct RawConfig {
     pub log: RawLog,
     #[serde(default)]
     pub sse: RawSse,
+    #[serde(default)]
+    pub storage: RawStorage,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStorage {
+    pub retain_events: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -394,6 +409,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("sse", "heartbeat_interval"),
     ("sse", "retry_ms"),
     ("sse", "catch_up_batch_events"),
+    ("storage", "retain_events"),
 ];
 
 /// ebuse's environment names and the key each one sets.
@@ -473,6 +489,7 @@ fn set_raw(raw: &mut RawConfig, section: &str, key: &str, v: String) -> Result<(
         ("sse", "heartbeat_interval") => raw.sse.heartbeat_interval = Some(v),
         ("sse", "retry_ms") => raw.sse.retry_ms = Some(int(&v)?),
         ("sse", "catch_up_batch_events") => raw.sse.catch_up_batch_events = Some(int(&v)?),
+        ("storage", "retain_events") => raw.storage.retain_events = Some(int(&v)?),
         _ => return Err(err(&name, "unknown key")),
     }
     Ok(())
@@ -793,6 +810,14 @@ impl Config {
                 }
             },
         };
+        let storage = StorageConfig {
+            retain_events: range(
+                need(raw.storage.retain_events, "storage.retain_events")?,
+                "storage.retain_events",
+                0,
+                i64::MAX,
+            )? as u64,
+        };
         let e = raw.sse;
         let sse = SseConfig {
             ring_events: range(
@@ -866,6 +891,7 @@ impl Config {
             index,
             log,
             sse,
+            storage,
         })
     }
 }
@@ -916,6 +942,7 @@ impl RawConfig {
             journal_size_limit,
             read_connections
         );
+        pick!(out.storage, other.storage, retain_events);
         pick!(
             out.sse,
             other.sse,

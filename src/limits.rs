@@ -17,3 +17,6 @@ pub const CONN_READ_BUFFER_BYTES: usize = 4096;
 pub const CONN_BUFFER_KEEP_BYTES: usize = 64 * 1024;
 /// Rows per LMDB transaction while rebuilding the index from SQLite.
 pub const INDEX_REBUILD_ROWS_PER_TXN: usize = 100_000;
+/// Most old events one group commit deletes under `storage.retain_events`:
+/// pruning rides along with commits in bounded slices instead of stalling one.
+pub const PRUNE_ROWS_PER_COMMIT: u64 = 1000;

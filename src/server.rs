@@ -124,9 +124,8 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         index.clone(),
         writer_rx,
         reply_txs,
-        cfg.writer.batch_events_max,
+        &cfg,
         &checkpointer,
-        cfg.database.busy_timeout,
     )
     .map_err(|e| start_err("cannot start writer", e))?;
     let writer_cpu = cfg.writer.cpu;

@@ -111,6 +111,20 @@ impl Fanout {
         if events.is_empty() {
             return;
         }
+        if self.subscribers.get() == 0 {
+            // Nobody to encode for: an empty ring makes a later subscriber
+            // catch up from SQLite instead, so ingestion pays nothing here.
+            let newest = events[events.len() - 1].position;
+            if newest > self.last.get() {
+                assert!(
+                    events[0].position <= self.last.get() + 1,
+                    "fan-out positions must be contiguous"
+                );
+                self.ring.borrow_mut().clear();
+                self.last.set(newest);
+            }
+            return;
+        }
         {
             let mut ring = self.ring.borrow_mut();
             for e in events {
@@ -328,6 +342,18 @@ Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: keep-alive\r\n",
             );
             match read.await {
                 Ok(events) => {
+                    // Retention pruned what the client wants: say so, then
+                    // go on from the oldest event kept.
+                    let next = events.first().map(|e| e.position).unwrap_or(fanout.first());
+                    if next > cursor + 1 {
+                        out.extend_from_slice(
+                            b"event: reset\ndata: {\"reason\":\"pruned\",\"last_event_id\":",
+                        );
+                        out.extend_from_slice(itoa::Buffer::new().format(cursor).as_bytes());
+                        out.extend_from_slice(b",\"first_retained\":");
+                        out.extend_from_slice(itoa::Buffer::new().format(next).as_bytes());
+                        out.extend_from_slice(b"}\n\n");
+                    }
                     for e in &events {
                         if sub
                             .filter
@@ -340,7 +366,7 @@ Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: keep-alive\r\n",
                     match events.last() {
                         Some(e) => cursor = e.position,
                         // Nothing stored after the cursor yet the ring starts
-                        // later: only pruning could do that; resume at the ring.
+                        // later: pruned; resume at the ring.
                         None => cursor = fanout.first() - 1,
                     }
                 }
@@ -635,6 +661,7 @@ mod tests {
     fn the_ring_keeps_the_newest_and_stays_contiguous() {
         let f = Fanout::new(10, 16);
         assert_eq!(f.first(), 11);
+        f.subscribers.set(1); // with none, nothing is encoded at all
         let evs: Vec<Event> = (8..=40).map(|p| ev(p, "t", "1")).collect();
         f.publish(&evs); // 8..=10 were before the start head: skipped
         assert_eq!(f.last(), 40);

@@ -152,6 +152,16 @@ pub fn head(conn: &Connection) -> rusqlite::Result<u64> {
     .map(|p| p as u64)
 }
 
+/// Lowest stored position (pruning removes from the bottom); `head + 1`
+/// when nothing is stored.
+pub fn low(conn: &Connection) -> rusqlite::Result<u64> {
+    let min: Option<i64> = conn.query_row("SELECT MIN(position) FROM events", [], |r| r.get(0))?;
+    match min {
+        Some(p) => Ok(p as u64),
+        None => Ok(head(conn)? + 1),
+    }
+}
+
 /// The id stored at `position`, if any.
 pub fn id_at(conn: &Connection, position: u64) -> rusqlite::Result<Option<String>> {
     conn.prepare_cached("SELECT id FROM events WHERE position = ?1")?

@@ -92,6 +92,10 @@ pub struct Writer {
     carry: Option<ToWriter>,
     /// Nudges the checkpoint thread as the WAL grows.
     wal: WalWatch,
+    /// `storage.retain_events` (0: keep everything).
+    retain_events: u64,
+    /// Lowest stored position: where pruning continues.
+    low: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -126,12 +130,14 @@ impl Writer {
         index: Index,
         rx: flume::Receiver<ToWriter>,
         shards: Vec<flume::Sender<FromWriter>>,
-        batch_events_max: usize,
+        cfg: &crate::config::Config,
         checkpointer: &crate::checkpoint::Checkpointer,
-        busy_timeout: Duration,
     ) -> Result<Writer, rusqlite::Error> {
         let head = storage::head(&conn)?;
-        let wal = WalWatch::install(&conn, checkpointer, busy_timeout)?;
+        let low = storage::low(&conn)?;
+        let wal = WalWatch::install(&conn, checkpointer, cfg.database.busy_timeout)?;
+        let batch_events_max = cfg.writer.batch_events_max;
+        let retain_events = cfg.storage.retain_events;
         Ok(Writer {
             conn,
             index,
@@ -142,6 +148,8 @@ impl Writer {
             index_behind: false,
             carry: None,
             wal,
+            retain_events,
+            low,
         })
     }
 
@@ -300,8 +308,17 @@ impl Writer {
             return Ok(0);
         }
         self.index.set_head(&mut w, next - 1)?;
+        let low = prune(
+            &self.index,
+            self.retain_events,
+            self.low,
+            &tx,
+            &mut w,
+            next - 1,
+        )?;
         let t_apply = t0.elapsed();
         tx.commit()?;
+        self.low = low;
         // From here the events are durable: the index only follows SQLite.
         self.head = next - 1;
         let t_commit = t0.elapsed();
@@ -337,6 +354,36 @@ impl Writer {
             }
         }
     }
+}
+
+/// Inside the commit's transaction: delete the next slice of events older
+/// than the newest `retain_events`, and their ids from the index. Returns
+/// the lowest position left.
+fn prune(
+    index: &Index,
+    retain_events: u64,
+    low: u64,
+    tx: &Connection,
+    w: &mut heed::RwTxn<'_>,
+    newest: u64,
+) -> Result<u64, StorageError> {
+    if retain_events == 0 || newest <= retain_events {
+        return Ok(low);
+    }
+    let cutoff = newest - retain_events;
+    if low > cutoff {
+        return Ok(low);
+    }
+    let upto = cutoff.min(low + crate::limits::PRUNE_ROWS_PER_COMMIT - 1);
+    let mut del =
+        tx.prepare_cached("DELETE FROM events WHERE position BETWEEN ?1 AND ?2 RETURNING id")?;
+    let ids = del.query_map(rusqlite::params![low as i64, upto as i64], |r| {
+        r.get::<_, String>(0)
+    })?;
+    for id in ids {
+        index.ids.delete(w, id?.as_bytes())?;
+    }
+    Ok(upto + 1)
 }
 
 fn count_events(m: &ToWriter) -> usize {

@@ -337,3 +337,47 @@ fn connection_caps_heartbeats_and_prompt_reclaim() {
     // Other endpoints are not affected by the SSE cap.
     assert_eq!(s2.get("/health").status, 200);
 }
+
+#[test]
+fn retention_prunes_old_events_and_catch_up_below_it_is_told() {
+    let dir = TempDir::new("sse-retain");
+    let s = Server::start(
+        dir.path(),
+        &[
+            ("API_KEY", KEY),
+            ("SHARDCAST_STORAGE_RETAIN_EVENTS", "100"),
+            ("SHARDCAST_SSE_RING_EVENTS", "16"),
+            ("SHARDCAST_SSE_CLIENT_BUFFER_EVENTS", "16"),
+        ],
+    );
+    for b in 0..3 {
+        let evs: Vec<Value> = (0..100)
+            .map(|k| json!({"type":"r","id":format!("r-{b}-{k}")}))
+            .collect();
+        post(&s, &Value::Array(evs));
+    }
+    // Only the newest 100 stay, in SQLite.
+    let stored = stored_ids(&dir.path().join("events.db"));
+    assert_eq!(stored.len(), 100);
+    assert_eq!(stored[0].0, 201);
+    assert_eq!(s.get_with_key("/position", KEY)["position"], 300);
+    // A subscriber from below the retained range is told, then gets the rest.
+    let mut c = SseClient::open(s.addr, "/events/subscribe?from=1", &[("X-API-Key", KEY)]);
+    let reset = c.next().unwrap();
+    assert_eq!(reset.event.as_deref(), Some("reset"));
+    let v: Value = serde_json::from_str(&reset.data).unwrap();
+    assert_eq!(v["reason"], "pruned");
+    assert_eq!(v["first_retained"], 201);
+    let got = c.until_id(300);
+    assert_eq!(
+        got.iter().map(id_of).collect::<Vec<_>>(),
+        (201..=300).collect::<Vec<_>>()
+    );
+    // A pruned event's id is no longer a duplicate (the idempotency window is
+    // the retention); a retained one still is.
+    let r = post(&s, &json!({"type":"r","id":"r-2-99"}));
+    assert_eq!(r["duplicate"], true);
+    let r = post(&s, &json!({"type":"r","id":"r-0-0"}));
+    assert!(r.get("duplicate").is_none());
+    assert_eq!(r["position"], 301);
+}

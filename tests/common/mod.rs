@@ -167,6 +167,13 @@ impl Server {
         self.conn().request("GET", path, &[], b"")
     }
 
+    /// GET with `X-API-Key`, expecting 200 with a JSON body.
+    pub fn get_with_key(&self, path: &str, key: &str) -> serde_json::Value {
+        let r = self.conn().request("GET", path, &[("X-API-Key", key)], b"");
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    }
+
     pub fn post(&self, path: &str, body: &str) -> Response {
         self.conn().request(
             "POST",
