@@ -315,16 +315,7 @@ impl Conn {
     }
 
     fn fill(&mut self) -> bool {
-        let mut tmp = [0u8; 65536];
-        match self.stream.read(&mut tmp) {
-            Ok(0) => false,
-            Ok(n) => {
-                self.buf.extend_from_slice(&tmp[..n]);
-                true
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => false,
-            Err(e) => panic!("read: {e}"),
-        }
+        read_into(&mut self.stream, &mut self.buf)
     }
 
     /// True when the server has closed its side (reads end-of-file).
@@ -340,6 +331,20 @@ impl Conn {
             .set_read_timeout(Some(Duration::from_secs(30)))
             .unwrap();
         r
+    }
+}
+
+/// Append what one read returns; false when the peer closed.
+fn read_into(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+    let mut tmp = [0u8; 65536];
+    match stream.read(&mut tmp) {
+        Ok(0) => false,
+        Ok(n) => {
+            buf.extend_from_slice(&tmp[..n]);
+            true
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => false,
+        Err(e) => panic!("read: {e}"),
     }
 }
 
@@ -427,16 +432,7 @@ impl SseClient {
     }
 
     fn fill(&mut self) -> bool {
-        let mut tmp = [0u8; 65536];
-        match self.stream.read(&mut tmp) {
-            Ok(0) => false,
-            Ok(n) => {
-                self.buf.extend_from_slice(&tmp[..n]);
-                true
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => false,
-            Err(e) => panic!("SSE read: {e}"),
-        }
+        read_into(&mut self.stream, &mut self.buf)
     }
 
     /// The body of a non-SSE (error) answer, by its Content-Length.
