@@ -381,3 +381,26 @@ fn retention_prunes_old_events_and_catch_up_below_it_is_told() {
     assert!(r.get("duplicate").is_none());
     assert_eq!(r["position"], 301);
 }
+
+#[test]
+fn sigterm_closes_subscribers_and_exits_promptly() {
+    let dir = TempDir::new("sse-term");
+    let mut s = Server::start(dir.path(), &[("API_KEY", KEY)]);
+    let mut live = SseClient::open(s.addr, "/events/subscribe", &[("X-API-Key", KEY)]);
+    let mut catching_up =
+        SseClient::open(s.addr, "/events/subscribe?from=1", &[("X-API-Key", KEY)]);
+    post(&s, &json!({"type":"t"}));
+    assert_eq!(id_of(&live.next().unwrap()), 1);
+    assert_eq!(id_of(&catching_up.next().unwrap()), 1);
+    let started = Instant::now();
+    assert!(s.terminate(Duration::from_secs(10)).success());
+    // Far sooner than the shutdown timeout (10 s in tests): idle subscribers
+    // are closed, not waited for.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(live.next().is_none(), "the stream ends");
+    assert!(catching_up.next().is_none());
+}
