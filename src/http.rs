@@ -176,11 +176,15 @@ pub fn write_response(
     out.extend_from_slice(n.format(status).as_bytes());
     out.push(b' ');
     out.extend_from_slice(reason(status).as_bytes());
-    out.extend_from_slice(b"\r\nServer: shardcast\r\nContent-Type: ");
-    out.extend_from_slice(content_type.as_bytes());
-    out.extend_from_slice(b"\r\nContent-Length: ");
-    out.extend_from_slice(n.format(body.len()).as_bytes());
-    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(b"\r\nServer: shardcast\r\n");
+    // A 204 has no body, and says nothing about one (RFC 9110 §8.6).
+    if status != 204 {
+        out.extend_from_slice(b"Content-Type: ");
+        out.extend_from_slice(content_type.as_bytes());
+        out.extend_from_slice(b"\r\nContent-Length: ");
+        out.extend_from_slice(n.format(body.len()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     for (k, v) in extra {
         out.extend_from_slice(k.as_bytes());
         out.extend_from_slice(b": ");

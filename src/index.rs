@@ -33,6 +33,8 @@ pub struct Index {
     pub(crate) ids: Database<'static, Bytes, Pos>,
     pub(crate) streams: Database<'static, Bytes, Pos>,
     pub(crate) meta: Database<'static, Str, Pos>,
+    /// Consumer id → the position it last saved.
+    pub(crate) consumers: Database<'static, Bytes, Pos>,
 }
 
 #[derive(Debug)]
@@ -92,12 +94,15 @@ impl Index {
             opts.open(&cfg.path)?
         };
         let wtxn = env.write_txn()?;
-        let (ids, streams, meta) = env
+        let (ids, streams, meta, consumers) = env
             .create_databases_and_commit(wtxn, |opener, wtxn| -> heed::Result<_> {
                 let ids = opener.create_database::<Bytes, Pos>(wtxn, Some("ids"))?;
                 let streams = opener.create_database::<Bytes, Pos>(wtxn, Some("streams"))?;
                 let meta = opener.create_database::<Str, Pos>(wtxn, Some("meta"))?;
-                Ok(heed::CommitOrAbort::<_, ()>::Commit((ids, streams, meta)))
+                let consumers = opener.create_database::<Bytes, Pos>(wtxn, Some("consumers"))?;
+                Ok(heed::CommitOrAbort::<_, ()>::Commit((
+                    ids, streams, meta, consumers,
+                )))
             })?
             .unwrap_commit();
         Ok(Index {
@@ -105,6 +110,7 @@ impl Index {
             ids,
             streams,
             meta,
+            consumers,
         })
     }
 
@@ -114,8 +120,31 @@ impl Index {
         env.prepare_for_closing().wait();
     }
 
-    /// Open the index at `cfg.path` and bring it in step with `conn`'s events.
+    /// Open the index at `cfg.path` and bring it in step with `conn`'s events
+    /// and consumer positions.
     pub fn open_checked(
+        cfg: &IndexConfig,
+        conn: &Connection,
+    ) -> Result<(Index, Recovery), IndexError> {
+        let (index, recovery) = Index::open_events_checked(cfg, conn)?;
+        index.load_consumers(conn)?;
+        Ok((index, recovery))
+    }
+
+    /// Consumer positions are few: copy them from SQLite at every start, so an
+    /// index written without fsync never serves a stale one.
+    fn load_consumers(&self, conn: &Connection) -> Result<(), IndexError> {
+        let all = crate::storage::consumers(conn)?;
+        let mut w = self.env.write_txn()?;
+        self.consumers.clear(&mut w)?;
+        for (id, p) in all {
+            self.consumers.put(&mut w, id.as_bytes(), &p)?;
+        }
+        w.commit()?;
+        Ok(())
+    }
+
+    fn open_events_checked(
         cfg: &IndexConfig,
         conn: &Connection,
     ) -> Result<(Index, Recovery), IndexError> {
@@ -279,6 +308,12 @@ impl Index {
     pub fn position_of(&self, id: &str) -> heed::Result<Option<u64>> {
         let r = self.env.read_txn()?;
         self.ids.get(&r, id.as_bytes())
+    }
+
+    /// The position a consumer saved (0 when it never did).
+    pub fn consumer_position(&self, id: &str) -> heed::Result<u64> {
+        let r = self.env.read_txn()?;
+        Ok(self.consumers.get(&r, id.as_bytes())?.unwrap_or(0))
     }
 
     /// The last version of a stream (0 when it has no events).

@@ -13,6 +13,13 @@ use crate::event::Event;
 use std::thread::JoinHandle;
 
 enum Job {
+    Range {
+        from: u64,
+        to: u64,
+        event_type: Option<String>,
+        limit: usize,
+        reply: flume::Sender<Result<Vec<Event>, String>>,
+    },
     EventsFrom {
         from: u64,
         limit: usize,
@@ -46,6 +53,23 @@ impl ReaderPool {
                 .spawn(move || {
                     while let Ok(job) = rx.recv() {
                         match job {
+                            Job::Range {
+                                from,
+                                to,
+                                event_type,
+                                limit,
+                                reply,
+                            } => {
+                                let r = crate::storage::events_range(
+                                    &conn,
+                                    from,
+                                    to,
+                                    event_type.as_deref(),
+                                    limit,
+                                )
+                                .map_err(|e| e.to_string());
+                                let _ = reply.send(r);
+                            }
                             Job::EventsFrom { from, limit, reply } => {
                                 let r = crate::storage::events_from(&conn, from, limit)
                                     .map_err(|e| e.to_string());
@@ -79,6 +103,31 @@ impl ReaderPool {
 }
 
 impl Readers {
+    /// Up to `limit` stored events in `from..=to`, optionally of one type.
+    pub async fn range(
+        &self,
+        from: u64,
+        to: u64,
+        event_type: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<Event>, String> {
+        let (reply, answer) = flume::bounded(1);
+        self.jobs
+            .send_async(Job::Range {
+                from,
+                to,
+                event_type,
+                limit,
+                reply,
+            })
+            .await
+            .map_err(|_| "the reader pool has stopped".to_string())?;
+        answer
+            .recv_async()
+            .await
+            .map_err(|_| "a reader thread stopped".to_string())?
+    }
+
     /// Up to `limit` stored events from `from` on, read on the pool.
     pub async fn events_from(&self, from: u64, limit: usize) -> Result<Vec<Event>, String> {
         let (reply, answer) = flume::bounded(1);

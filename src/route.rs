@@ -17,11 +17,20 @@ pub enum Route {
     AppendBatch,
     /// `GET /events/subscribe`: handed to `sse` by `http`, never to `handle`.
     Subscribe,
+    /// `GET /events?from=&to=&type=&limit=`
+    Load,
+    /// `GET /subscriptions/{id}/position`
+    ConsumerGet,
+    /// `POST|PUT /subscriptions/{id}/position`
+    ConsumerSet,
 }
 
 impl Route {
     fn needs_body(self) -> bool {
-        matches!(self, Route::AppendOne | Route::AppendBatch)
+        matches!(
+            self,
+            Route::AppendOne | Route::AppendBatch | Route::ConsumerSet
+        )
     }
 }
 
@@ -77,7 +86,22 @@ pub fn is_endpoint(path: &str) -> bool {
     matches!(
         path,
         "/health" | "/position" | "/events" | "/events/batch" | "/events/subscribe"
-    )
+    ) || consumer_id(path).is_some()
+}
+
+/// Longest consumer id, in bytes (an LMDB key).
+const CONSUMER_ID_BYTES_MAX: usize = 256;
+
+/// The id in `/subscriptions/{id}/position`, percent-decoded.
+pub fn consumer_id(path: &str) -> Option<String> {
+    let raw = path
+        .strip_prefix("/subscriptions/")?
+        .strip_suffix("/position")?;
+    if raw.is_empty() || raw.contains('/') {
+        return None;
+    }
+    let id = crate::sse::decode_query_value(&raw.replace('+', "%2B"));
+    (!id.is_empty() && id.len() <= CONSUMER_ID_BYTES_MAX).then_some(id)
 }
 
 /// Decide the route and check everything that can be checked from the head.
@@ -99,11 +123,20 @@ pub fn resolve(
     let route = match path {
         "/health" => get(Route::Health)?,
         "/position" => get(Route::Position)?,
-        "/events" => post(Route::AppendOne)?,
+        "/events" => match m {
+            Method::Post => Route::AppendOne,
+            Method::Get | Method::Head => Route::Load,
+            _ => return Err(method_not_allowed("GET, HEAD, POST")),
+        },
         "/events/batch" => post(Route::AppendBatch)?,
         "/events/subscribe" => match m {
             Method::Get => Route::Subscribe,
             _ => return Err(method_not_allowed("GET")),
+        },
+        p if consumer_id(p).is_some() => match m {
+            Method::Get | Method::Head => Route::ConsumerGet,
+            Method::Post | Method::Put => Route::ConsumerSet,
+            _ => return Err(method_not_allowed("GET, HEAD, POST, PUT")),
         },
         _ => {
             return Err(ApiError::new(
@@ -183,6 +216,9 @@ pub async fn handle(
             Ok(())
         }
         Route::Position => position(shard, out, keep_alive, is_head),
+        Route::Load => load(shard, head, req, out, keep_alive, is_head).await,
+        Route::ConsumerGet => consumer_get(shard, head, req, out, keep_alive, is_head),
+        Route::ConsumerSet => consumer_set(shard, head, req, body, out, keep_alive).await,
         Route::AppendOne | Route::AppendBatch => append(shard, route, body, out, keep_alive).await,
         Route::Subscribe => Err(ApiError::new(
             500,
@@ -306,6 +342,11 @@ async fn append(
             e.extra_json = Some(extra);
             Err(e)
         }
+        Outcome::PositionSaved | Outcome::PositionBeyondHead { .. } => Err(ApiError::new(
+            500,
+            "internal",
+            "a position answer to an append",
+        )),
         Outcome::Failed { message } => {
             let mut e = ApiError::new(
                 503,
@@ -315,6 +356,178 @@ async fn append(
             e.retry_after_secs = Some(shard.cfg.writer.retry_after_secs);
             Err(e)
         }
+    }
+}
+
+fn path_of<'a>(head: &RequestHead, req: &'a [u8]) -> &'a str {
+    std::str::from_utf8(&req[head.path.clone()]).unwrap_or("")
+}
+
+fn invalid(name: &str, v: &str, what: &str) -> ApiError {
+    ApiError::new(
+        400,
+        "invalid_parameter",
+        format!("'{name}' must be {what}, not {v:?}"),
+    )
+}
+
+/// Most events one `GET /events` returns (ebuse's limit).
+const LOAD_EVENTS_MAX: usize = 10_000;
+
+/// `GET /events`: a JSON array of stored events, as ebuse's `Load` decodes it.
+/// `from` and `to` are inclusive positions.
+async fn load(
+    shard: &Rc<Shard>,
+    head: &RequestHead,
+    req: &[u8],
+    out: &mut Vec<u8>,
+    keep_alive: bool,
+    is_head: bool,
+) -> Result<(), ApiError> {
+    let query = std::str::from_utf8(&req[head.query.clone()]).unwrap_or("");
+    let param = |name: &str| crate::sse::query_param(query, name).filter(|v| !v.is_empty());
+    let number = |name: &str, default: u64| -> Result<u64, ApiError> {
+        match param(name) {
+            None => Ok(default),
+            Some(v) => v
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| invalid(name, &v, "a whole number ≥ 0")),
+        }
+    };
+    // ebuse's client sends `to=-1` for "no upper bound" only by omitting it;
+    // a literal -1 is accepted as the same.
+    let from = number("from", 0)?;
+    let to = match param("to").as_deref() {
+        Some("-1") => u64::MAX,
+        _ => number("to", u64::MAX)?,
+    };
+    let limit = number("limit", LOAD_EVENTS_MAX as u64)?;
+    if limit == 0 || limit > LOAD_EVENTS_MAX as u64 {
+        return Err(invalid(
+            "limit",
+            &limit.to_string(),
+            "between 1 and 10000 (use /events/stream for more)",
+        ));
+    }
+    let event_type = param("type");
+    let events = shard
+        .readers
+        .range(from, to, event_type, limit as usize)
+        .await
+        .map_err(|e| {
+            let mut err = ApiError::new(
+                503,
+                "storage_unavailable",
+                format!("cannot read events: {e}"),
+            );
+            err.retry_after_secs = Some(shard.cfg.writer.retry_after_secs);
+            err
+        })?;
+    let mut body =
+        Vec::with_capacity(2 + events.iter().map(|e| 160 + e.new.data.len()).sum::<usize>());
+    body.push(b'[');
+    for (i, e) in events.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        encode_event(&mut body, e, false);
+    }
+    body.push(b']');
+    json_ok(out, &body, keep_alive, is_head);
+    Ok(())
+}
+
+fn consumer_get(
+    shard: &Shard,
+    head: &RequestHead,
+    req: &[u8],
+    out: &mut Vec<u8>,
+    keep_alive: bool,
+    is_head: bool,
+) -> Result<(), ApiError> {
+    let id = consumer_id(path_of(head, req)).unwrap_or_default();
+    let p = shard.index.consumer_position(&id).map_err(|e| {
+        ApiError::new(
+            503,
+            "index_unavailable",
+            format!("cannot read the index: {e}"),
+        )
+    })?;
+    let body = format!("{{\"position\":{p}}}");
+    json_ok(out, body.as_bytes(), keep_alive, is_head);
+    Ok(())
+}
+
+/// `POST|PUT /subscriptions/{id}/position` `{"position": N}` → 204 once stored.
+async fn consumer_set(
+    shard: &Rc<Shard>,
+    head: &RequestHead,
+    req: &[u8],
+    body: &[u8],
+    out: &mut Vec<u8>,
+    keep_alive: bool,
+) -> Result<(), ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        position: i64,
+    }
+    let id = consumer_id(path_of(head, req)).unwrap_or_default();
+    let b: Body = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            400,
+            "invalid_json",
+            format!("body must be {{\"position\": N}}: {e}"),
+        )
+    })?;
+    if b.position < 0 {
+        return Err(invalid(
+            "position",
+            &b.position.to_string(),
+            "a position ≥ 0",
+        ));
+    }
+    let pending = match shard.writer.submit_consumer(id, b.position as u64) {
+        Submit::Queued(p) => p,
+        Submit::Shed => {
+            let mut e = ApiError::new(
+                503,
+                "overloaded",
+                "the writer's queue is full; retry after the delay given",
+            );
+            e.retry_after_secs = Some(shard.cfg.writer.retry_after_secs);
+            return Err(e);
+        }
+        Submit::Stopped => {
+            let mut e = ApiError::new(503, "shutting_down", "the server is shutting down");
+            e.retry_after_secs = Some(shard.cfg.writer.retry_after_secs);
+            return Err(e);
+        }
+    };
+    match pending.await {
+        Outcome::PositionSaved => {
+            write_response(out, 204, JSON, &[], b"", keep_alive);
+            Ok(())
+        }
+        Outcome::PositionBeyondHead { head } => Err(ApiError::new(
+            400,
+            "position_beyond_head",
+            format!("position {} is beyond the newest event, {head}", b.position),
+        )),
+        Outcome::Failed { message } => {
+            let mut e = ApiError::new(
+                503,
+                "storage_unavailable",
+                format!("position was not stored: {message}"),
+            );
+            e.retry_after_secs = Some(shard.cfg.writer.retry_after_secs);
+            Err(e)
+        }
+        other => Err(ApiError::new(
+            500,
+            "internal",
+            format!("unexpected writer answer {other:?}"),
+        )),
     }
 }
 

@@ -164,6 +164,27 @@ impl WriterClient {
         events: Vec<crate::event::NewEvent>,
         bytes: usize,
     ) -> Submit {
+        self.submit_request(kind, events, None, bytes)
+    }
+
+    /// Queue a consumer position for the writer to store.
+    pub fn submit_consumer(&self, id: String, position: u64) -> Submit {
+        let bytes = id.len() + 16;
+        self.submit_request(
+            AppendKind::Consumer,
+            Vec::new(),
+            Some((id, position)),
+            bytes,
+        )
+    }
+
+    fn submit_request(
+        &self,
+        kind: AppendKind,
+        events: Vec<crate::event::NewEvent>,
+        consumer: Option<(String, u64)>,
+        bytes: usize,
+    ) -> Submit {
         if self.tx.borrow().is_none() {
             return Submit::Stopped;
         }
@@ -186,6 +207,7 @@ impl WriterClient {
             ticket: id,
             kind,
             events,
+            consumer,
         });
         if let Some(w) = self.flusher.take() {
             w.wake();

@@ -24,6 +24,12 @@ CREATE TABLE IF NOT EXISTS events (
     stream_version INTEGER,
     metadata       BLOB
 );
+-- Consumer positions (ebuse's /subscriptions/{id}/position): few rows, rare
+-- writes; served from the LMDB index, kept here so the index can be rebuilt.
+CREATE TABLE IF NOT EXISTS subscriptions (
+    id       TEXT PRIMARY KEY,
+    position INTEGER NOT NULL
+);
 ";
 
 pub const INSERT_EVENT: &str = "INSERT INTO events (position, id, type, data, timestamp, stream, stream_version, metadata) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
@@ -196,6 +202,40 @@ pub fn event_at(conn: &Connection, position: u64) -> rusqlite::Result<Option<Eve
     .optional()
 }
 
+/// Up to `limit` events with `from <= position <= to`, optionally of one
+/// type, in position order (a rowid range scan; the type is checked per row).
+pub fn events_range(
+    conn: &Connection,
+    from: u64,
+    to: u64,
+    event_type: Option<&str>,
+    limit: usize,
+) -> rusqlite::Result<Vec<Event>> {
+    let clamp = |p: u64| p.min(i64::MAX as u64) as i64;
+    match event_type {
+        None => {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {EVENT_COLUMNS} FROM events WHERE position BETWEEN ?1 AND ?2 ORDER BY position LIMIT ?3"
+            ))?;
+            let rows = stmt.query_map(
+                rusqlite::params![clamp(from), clamp(to), limit as i64],
+                event_row,
+            )?;
+            rows.collect()
+        }
+        Some(t) => {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {EVENT_COLUMNS} FROM events WHERE position BETWEEN ?1 AND ?2 AND type = ?3 ORDER BY position LIMIT ?4"
+            ))?;
+            let rows = stmt.query_map(
+                rusqlite::params![clamp(from), clamp(to), t, limit as i64],
+                event_row,
+            )?;
+            rows.collect()
+        }
+    }
+}
+
 /// Up to `limit` events from `from` on, in position order (a rowid range scan).
 pub fn events_from(conn: &Connection, from: u64, limit: usize) -> rusqlite::Result<Vec<Event>> {
     let mut stmt = conn.prepare_cached(&format!(
@@ -214,6 +254,23 @@ fn json_bytes(v: rusqlite::types::ValueRef<'_>) -> Option<Vec<u8>> {
         rusqlite::types::ValueRef::Blob(b) | rusqlite::types::ValueRef::Text(b) => Some(b.to_vec()),
         _ => None,
     }
+}
+
+/// Set a consumer's position (inside the writer's transaction).
+pub fn set_consumer(conn: &Connection, id: &str, position: u64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO subscriptions (id, position) VALUES (?1, ?2) \
+         ON CONFLICT(id) DO UPDATE SET position = excluded.position",
+    )?
+    .execute(params![id, position as i64])?;
+    Ok(())
+}
+
+/// Every consumer position, for rebuilding the index.
+pub fn consumers(conn: &Connection) -> rusqlite::Result<Vec<(String, u64)>> {
+    let mut stmt = conn.prepare("SELECT id, position FROM subscriptions")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+    rows.collect()
 }
 
 /// Insert one positioned event (inside the writer's transaction).

@@ -26,6 +26,8 @@ pub enum AppendKind {
     One,
     /// `POST /events/batch`: all or nothing, answered with a summary.
     Batch,
+    /// `POST|PUT /subscriptions/{id}/position`: no events; `consumer` is set.
+    Consumer,
 }
 
 /// One HTTP request's events, on their way to the writer.
@@ -35,6 +37,8 @@ pub struct AppendRequest {
     pub ticket: u64,
     pub kind: AppendKind,
     pub events: Vec<NewEvent>,
+    /// For `AppendKind::Consumer`: the consumer id and the position to save.
+    pub consumer: Option<(String, u64)>,
 }
 
 /// Shard → writer: every request a shard queued since its last message.
@@ -62,6 +66,12 @@ pub enum Outcome {
         stream: String,
         expected: u64,
         current: u64,
+    },
+    /// A consumer position was saved.
+    PositionSaved,
+    /// A consumer position beyond the head was refused.
+    PositionBeyondHead {
+        head: u64,
     },
     /// Storage failed; nothing of the request was written.
     Failed {
@@ -281,11 +291,27 @@ impl Writer {
         let mut w = self.index.env.write_txn()?;
         let t_begin = t0.elapsed();
         let mut next = self.head + 1;
+        let mut consumers_saved = false;
         {
             let mut stmt = tx.prepare_cached(storage::INSERT_EVENT)?;
             for msg in group {
                 for req in msg.requests {
                     let ticket = req.ticket;
+                    if let (AppendKind::Consumer, Some((id, position))) = (req.kind, &req.consumer)
+                    {
+                        // Positions of this same group count: they commit together.
+                        let head = next - 1;
+                        let outcome = if *position > head {
+                            Outcome::PositionBeyondHead { head }
+                        } else {
+                            storage::set_consumer(&tx, id, *position)?;
+                            self.index.consumers.put(&mut w, id.as_bytes(), position)?;
+                            consumers_saved = true;
+                            Outcome::PositionSaved
+                        };
+                        answers[msg.shard].push((ticket, outcome));
+                        continue;
+                    }
                     let outcome = apply(
                         &self.index,
                         &tx,
@@ -300,7 +326,7 @@ impl Writer {
             }
         }
         let written = (next - 1 - self.head) as usize;
-        if written == 0 {
+        if written == 0 && !consumers_saved {
             // Only duplicates or conflicts: nothing to make durable.
             committed.clear();
             drop(w);
