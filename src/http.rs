@@ -533,6 +533,31 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
             }
         };
 
+        // A replay of any length, streamed; the connection stays usable after it.
+        if route == route::Route::Stream {
+            let query = std::str::from_utf8(&rb.pending()[head.query.clone()])
+                .unwrap_or("")
+                .to_string();
+            rb.consume(head.head_len);
+            if flush(&mut stream, &mut out).await.is_err() {
+                return;
+            }
+            let is_head = head.method == Method::Head;
+            match crate::replay::serve(
+                &shard,
+                &mut stream,
+                &query,
+                keep_alive,
+                cors.as_deref(),
+                is_head,
+            )
+            .await
+            {
+                Ok(true) if keep_alive => continue,
+                Ok(_) | Err(_) => return,
+            }
+        }
+
         // SSE: the connection becomes a subscription; the request buffer goes.
         if route == route::Route::Subscribe {
             let pending = rb.pending();

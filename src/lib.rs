@@ -38,6 +38,7 @@ pub mod ids;
 pub mod index;
 pub mod limits;
 pub mod reader;
+pub mod replay;
 pub mod route;
 pub mod server;
 pub mod shard;

@@ -19,6 +19,8 @@ pub enum Route {
     Subscribe,
     /// `GET /events?from=&to=&type=&limit=`
     Load,
+    /// `GET /events/stream?from=&batch_size=&type=`: written by `replay`.
+    Stream,
     /// `GET /subscriptions/{id}/position`
     ConsumerGet,
     /// `POST|PUT /subscriptions/{id}/position`
@@ -85,7 +87,12 @@ pub fn presented_key(
 pub fn is_endpoint(path: &str) -> bool {
     matches!(
         path,
-        "/health" | "/position" | "/events" | "/events/batch" | "/events/subscribe"
+        "/health"
+            | "/position"
+            | "/events"
+            | "/events/batch"
+            | "/events/stream"
+            | "/events/subscribe"
     ) || consumer_id(path).is_some()
 }
 
@@ -129,6 +136,7 @@ pub fn resolve(
             _ => return Err(method_not_allowed("GET, HEAD, POST")),
         },
         "/events/batch" => post(Route::AppendBatch)?,
+        "/events/stream" => get(Route::Stream)?,
         "/events/subscribe" => match m {
             Method::Get => Route::Subscribe,
             _ => return Err(method_not_allowed("GET")),
@@ -220,10 +228,10 @@ pub async fn handle(
         Route::ConsumerGet => consumer_get(shard, head, req, out, keep_alive, is_head),
         Route::ConsumerSet => consumer_set(shard, head, req, body, out, keep_alive).await,
         Route::AppendOne | Route::AppendBatch => append(shard, route, body, out, keep_alive).await,
-        Route::Subscribe => Err(ApiError::new(
+        Route::Subscribe | Route::Stream => Err(ApiError::new(
             500,
             "internal",
-            "subscriptions are served by the SSE stage",
+            "subscriptions and replays write their own answers",
         )),
     };
     match result {
@@ -363,7 +371,7 @@ fn path_of<'a>(head: &RequestHead, req: &'a [u8]) -> &'a str {
     std::str::from_utf8(&req[head.path.clone()]).unwrap_or("")
 }
 
-fn invalid(name: &str, v: &str, what: &str) -> ApiError {
+pub fn invalid(name: &str, v: &str, what: &str) -> ApiError {
     ApiError::new(
         400,
         "invalid_parameter",

@@ -1,0 +1,152 @@
+//! `GET /events/stream`: a replay of any number of events (millions) as one
+//! chunked JSON array, with bounded memory. One page of
+//! `batch_size` events is read on the reader pool, encoded, and written as
+//! one chunk; the next page is read only once the client has taken the last,
+//! so a slow reader slows the replay instead of filling memory.
+//!
+//! The replay ends at the head as it was when the request arrived, so it
+//! terminates under continuous appends; a client continues with
+//! `from` = the last position + 1 (or subscribes over SSE).
+
+use crate::event::encode_event;
+use crate::http::ApiError;
+use crate::shard::Shard;
+use crate::sse::query_param;
+use futures_lite::AsyncWriteExt;
+use glommio::net::TcpStream;
+
+/// Events per page unless `batch_size` says otherwise (ebuse's default).
+const BATCH_EVENTS_DEFAULT: usize = 1000;
+/// Largest `batch_size` (ebuse's limit): bounds one page's memory.
+const BATCH_EVENTS_MAX: usize = 5000;
+
+/// Serve one replay. Ok(true): the answer is complete and the connection may
+/// serve another request; Ok(false): the answer was an error, already written.
+pub async fn serve(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    query: &str,
+    keep_alive: bool,
+    cors: Option<&str>,
+    is_head: bool,
+) -> std::io::Result<bool> {
+    let params = match parse(query) {
+        Ok(p) => p,
+        Err(e) => {
+            let mut out = Vec::new();
+            e.write(&mut out, keep_alive);
+            crate::http::add_cors(&mut out, 0, cors);
+            stream.write_all(&out).await?;
+            return Ok(true);
+        }
+    };
+    let head = shard.index.head().unwrap_or(0);
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(
+        b"HTTP/1.1 200 OK\r\nServer: shardcast\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n",
+    );
+    if let Some(c) = cors {
+        out.extend_from_slice(c.as_bytes());
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if is_head {
+        stream.write_all(&out).await?;
+        return Ok(true);
+    }
+    let mut body = Vec::with_capacity(64 * 1024);
+    body.push(b'[');
+    let mut from = params.from;
+    let mut first = true;
+    loop {
+        if from > head {
+            break;
+        }
+        let page = match shard
+            .readers
+            .range(from, head, params.event_type.clone(), params.batch)
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                // The status line is gone: end the body unfinished, so the
+                // client sees a truncated array rather than a short one.
+                tracing::warn!(shard = shard.id, error = %e, "replay read failed; closing");
+                return Ok(false);
+            }
+        };
+        let Some(last) = page.last().map(|e| e.position) else {
+            break;
+        };
+        for e in &page {
+            if !first {
+                body.push(b',');
+            }
+            first = false;
+            encode_event(&mut body, e, false);
+        }
+        drop(page);
+        // Header, page, trailer: the page is written from where it was encoded.
+        out.extend_from_slice(format!("{:x}\r\n", body.len()).as_bytes());
+        stream.write_all(&out).await?;
+        out.clear();
+        stream.write_all(&body).await?;
+        stream.write_all(b"\r\n").await?;
+        body.clear();
+        if body.capacity() > 4 << 20 {
+            body = Vec::with_capacity(64 * 1024);
+        }
+        from = last + 1;
+    }
+    body.push(b']');
+    chunk(&mut out, &body);
+    out.extend_from_slice(b"0\r\n\r\n");
+    stream.write_all(&out).await?;
+    Ok(true)
+}
+
+fn chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+struct Params {
+    from: u64,
+    batch: usize,
+    event_type: Option<String>,
+}
+
+fn parse(query: &str) -> Result<Params, ApiError> {
+    let param = |name: &str| query_param(query, name).filter(|v| !v.is_empty());
+    let from = match param("from") {
+        None => 0,
+        Some(v) => v
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| crate::route::invalid("from", &v, "a whole number ≥ 0"))?,
+    };
+    let batch = match param("batch_size") {
+        None => BATCH_EVENTS_DEFAULT,
+        Some(v) => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=BATCH_EVENTS_MAX).contains(&n) => n,
+            _ => {
+                return Err(crate::route::invalid(
+                    "batch_size",
+                    &v,
+                    "between 1 and 5000",
+                ))
+            }
+        },
+    };
+    Ok(Params {
+        from,
+        batch,
+        event_type: param("type"),
+    })
+}
