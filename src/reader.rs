@@ -5,27 +5,15 @@
 //! a long read delays nobody else on the shard.
 //!
 //! WAL mode lets these read while the writer commits; each query sees the
-//! database as of its start, which is all a catch-up needs (it asks again for
-//! what came after).
+//! database as of its start, which is all a catch-up or a page needs (the
+//! caller asks again for what came after).
 
 use crate::config::DatabaseConfig;
 use crate::event::Event;
+use rusqlite::Connection;
 use std::thread::JoinHandle;
 
-enum Job {
-    Range {
-        from: u64,
-        to: u64,
-        event_type: Option<String>,
-        limit: usize,
-        reply: flume::Sender<Result<Vec<Event>, String>>,
-    },
-    EventsFrom {
-        from: u64,
-        limit: usize,
-        reply: flume::Sender<Result<Vec<Event>, String>>,
-    },
-}
+type Job = Box<dyn FnOnce(&Connection) + Send>;
 
 /// A handle shards clone; the threads stop when every handle is dropped.
 #[derive(Clone)]
@@ -41,8 +29,8 @@ pub struct ReaderPool {
 impl ReaderPool {
     /// Open `cfg.read_connections` read-only connections, a thread each.
     pub fn start(cfg: &DatabaseConfig) -> rusqlite::Result<ReaderPool> {
-        // Unbounded: the number of jobs in flight is bounded by the callers,
-        // one per catch-up in progress.
+        // Unbounded: jobs in flight are bounded by their callers, each
+        // awaiting its answer before it sends another.
         let (jobs, rx) = flume::unbounded::<Job>();
         let mut threads = Vec::new();
         for i in 0..cfg.read_connections {
@@ -52,30 +40,7 @@ impl ReaderPool {
                 .name(format!("shardcast-read-{i}"))
                 .spawn(move || {
                     while let Ok(job) = rx.recv() {
-                        match job {
-                            Job::Range {
-                                from,
-                                to,
-                                event_type,
-                                limit,
-                                reply,
-                            } => {
-                                let r = crate::storage::events_range(
-                                    &conn,
-                                    from,
-                                    to,
-                                    event_type.as_deref(),
-                                    limit,
-                                )
-                                .map_err(|e| e.to_string());
-                                let _ = reply.send(r);
-                            }
-                            Job::EventsFrom { from, limit, reply } => {
-                                let r = crate::storage::events_from(&conn, from, limit)
-                                    .map_err(|e| e.to_string());
-                                let _ = reply.send(r);
-                            }
-                        }
+                        job(&conn);
                     }
                 })
                 .map_err(|e| {
@@ -103,23 +68,16 @@ impl ReaderPool {
 }
 
 impl Readers {
-    /// Up to `limit` stored events in `from..=to`, optionally of one type.
-    pub async fn range(
+    /// Run `read` on a pool thread and await its result.
+    pub async fn run<T: Send + 'static>(
         &self,
-        from: u64,
-        to: u64,
-        event_type: Option<String>,
-        limit: usize,
-    ) -> Result<Vec<Event>, String> {
+        read: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, String> {
         let (reply, answer) = flume::bounded(1);
         self.jobs
-            .send_async(Job::Range {
-                from,
-                to,
-                event_type,
-                limit,
-                reply,
-            })
+            .send_async(Box::new(move |conn: &Connection| {
+                let _ = reply.send(read(conn).map_err(|e| e.to_string()));
+            }))
             .await
             .map_err(|_| "the reader pool has stopped".to_string())?;
         answer
@@ -128,16 +86,32 @@ impl Readers {
             .map_err(|_| "a reader thread stopped".to_string())?
     }
 
-    /// Up to `limit` stored events from `from` on, read on the pool.
+    /// Up to `limit` stored events in `from..=to`, optionally of one type.
+    pub async fn range(
+        &self,
+        from: u64,
+        to: u64,
+        event_type: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<Event>, String> {
+        self.run(move |c| crate::storage::events_range(c, from, to, event_type.as_deref(), limit))
+            .await
+    }
+
+    /// Up to `limit` stored events from `from` on.
     pub async fn events_from(&self, from: u64, limit: usize) -> Result<Vec<Event>, String> {
-        let (reply, answer) = flume::bounded(1);
-        self.jobs
-            .send_async(Job::EventsFrom { from, limit, reply })
+        self.run(move |c| crate::storage::events_from(c, from, limit))
             .await
-            .map_err(|_| "the reader pool has stopped".to_string())?;
-        answer
-            .recv_async()
+    }
+
+    /// Up to `limit` of one stream's events from `from_version` on, in version order.
+    pub async fn stream(
+        &self,
+        stream: String,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<Event>, String> {
+        self.run(move |c| crate::storage::stream_events(c, &stream, from_version, limit))
             .await
-            .map_err(|_| "a reader thread stopped".to_string())?
     }
 }

@@ -21,6 +21,8 @@ pub enum Route {
     Load,
     /// `GET /events/stream?from=&batch_size=&type=`: written by `replay`.
     Stream,
+    /// `GET /streams/{stream}?from_version=&limit=`
+    StreamRead,
     /// `GET /subscriptions/{id}/position`
     ConsumerGet,
     /// `POST|PUT /subscriptions/{id}/position`
@@ -94,6 +96,17 @@ pub fn is_endpoint(path: &str) -> bool {
             | "/events/stream"
             | "/events/subscribe"
     ) || consumer_id(path).is_some()
+        || stream_name(path).is_some()
+}
+
+/// The stream in `/streams/{stream}`, percent-decoded.
+pub fn stream_name(path: &str) -> Option<String> {
+    let raw = path.strip_prefix("/streams/")?;
+    if raw.is_empty() || raw.contains('/') {
+        return None;
+    }
+    let name = crate::sse::decode_query_value(&raw.replace('+', "%2B"));
+    (!name.is_empty() && name.len() <= crate::limits::STREAM_NAME_BYTES_MAX).then_some(name)
 }
 
 /// Longest consumer id, in bytes (an LMDB key).
@@ -141,6 +154,7 @@ pub fn resolve(
             Method::Get => Route::Subscribe,
             _ => return Err(method_not_allowed("GET")),
         },
+        p if stream_name(p).is_some() => get(Route::StreamRead)?,
         p if consumer_id(p).is_some() => match m {
             Method::Get | Method::Head => Route::ConsumerGet,
             Method::Post | Method::Put => Route::ConsumerSet,
@@ -225,6 +239,7 @@ pub async fn handle(
         }
         Route::Position => position(shard, out, keep_alive, is_head),
         Route::Load => load(shard, head, req, out, keep_alive, is_head).await,
+        Route::StreamRead => stream_read(shard, head, req, out, keep_alive, is_head).await,
         Route::ConsumerGet => consumer_get(shard, head, req, out, keep_alive, is_head),
         Route::ConsumerSet => consumer_set(shard, head, req, body, out, keep_alive).await,
         Route::AppendOne | Route::AppendBatch => append(shard, route, body, out, keep_alive).await,
@@ -423,15 +438,13 @@ async fn load(
         .readers
         .range(from, to, event_type, limit as usize)
         .await
-        .map_err(|e| {
-            let mut err = ApiError::new(
-                503,
-                "storage_unavailable",
-                format!("cannot read events: {e}"),
-            );
-            err.retry_after_secs = Some(shard.cfg.writer.retry_after_secs);
-            err
-        })?;
+        .map_err(|e| read_failed(shard, e))?;
+    json_ok(out, &events_json(&events), keep_alive, is_head);
+    Ok(())
+}
+
+/// Events as a JSON array, as `POST /events` shapes each one.
+fn events_json(events: &[crate::event::Event]) -> Vec<u8> {
     let mut body =
         Vec::with_capacity(2 + events.iter().map(|e| 160 + e.new.data.len()).sum::<usize>());
     body.push(b'[');
@@ -442,7 +455,51 @@ async fn load(
         encode_event(&mut body, e, false);
     }
     body.push(b']');
-    json_ok(out, &body, keep_alive, is_head);
+    body
+}
+
+fn read_failed(shard: &Shard, e: String) -> ApiError {
+    let mut err = ApiError::new(
+        503,
+        "storage_unavailable",
+        format!("cannot read events: {e}"),
+    );
+    err.retry_after_secs = Some(shard.cfg.writer.retry_after_secs);
+    err
+}
+
+/// `GET /streams/{stream}`: one stream's events in version order.
+async fn stream_read(
+    shard: &Rc<Shard>,
+    head: &RequestHead,
+    req: &[u8],
+    out: &mut Vec<u8>,
+    keep_alive: bool,
+    is_head: bool,
+) -> Result<(), ApiError> {
+    let stream = stream_name(path_of(head, req)).unwrap_or_default();
+    let query = std::str::from_utf8(&req[head.query.clone()]).unwrap_or("");
+    let param = |name: &str| crate::sse::query_param(query, name).filter(|v| !v.is_empty());
+    let from_version = match param("from_version") {
+        None => 1,
+        Some(v) => v
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| invalid("from_version", &v, "a whole number ≥ 0"))?,
+    };
+    let limit = match param("limit") {
+        None => LOAD_EVENTS_MAX,
+        Some(v) => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=LOAD_EVENTS_MAX).contains(&n) => n,
+            _ => return Err(invalid("limit", &v, "between 1 and 10000")),
+        },
+    };
+    let events = shard
+        .readers
+        .stream(stream, from_version, limit)
+        .await
+        .map_err(|e| read_failed(shard, e))?;
+    json_ok(out, &events_json(&events), keep_alive, is_head);
     Ok(())
 }
 

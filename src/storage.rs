@@ -24,6 +24,10 @@ CREATE TABLE IF NOT EXISTS events (
     stream_version INTEGER,
     metadata       BLOB
 );
+-- GET /streams/{stream}: one stream in version order. Partial: events with no
+-- stream (the common append) never touch it.
+CREATE INDEX IF NOT EXISTS events_stream_version
+    ON events (stream, stream_version) WHERE stream IS NOT NULL;
 -- Consumer positions (ebuse's /subscriptions/{id}/position): few rows, rare
 -- writes; served from the LMDB index, kept here so the index can be rebuilt.
 CREATE TABLE IF NOT EXISTS subscriptions (
@@ -234,6 +238,28 @@ pub fn events_range(
             rows.collect()
         }
     }
+}
+
+/// Up to `limit` events of `stream` from `from_version` on, in version order.
+pub fn stream_events(
+    conn: &Connection,
+    stream: &str,
+    from_version: u64,
+    limit: usize,
+) -> rusqlite::Result<Vec<Event>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE stream = ?1 AND stream_version >= ?2 \
+         ORDER BY stream_version LIMIT ?3"
+    ))?;
+    let rows = stmt.query_map(
+        rusqlite::params![
+            stream,
+            from_version.min(i64::MAX as u64) as i64,
+            limit as i64
+        ],
+        event_row,
+    )?;
+    rows.collect()
 }
 
 /// Up to `limit` events from `from` on, in position order (a rowid range scan).

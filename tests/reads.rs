@@ -362,3 +362,47 @@ fn count_positions(c: &[u8]) -> usize {
     let needle = b"\"position\":";
     c.windows(needle.len()).filter(|w| w == needle).count()
 }
+
+#[test]
+fn one_stream_in_version_order() {
+    let dir = TempDir::new("streams");
+    let s = Server::start(dir.path(), &[("API_KEY", KEY)]);
+    // Two interleaved streams and events with none.
+    for i in 0..30 {
+        let stream = if i % 2 == 0 { "order 7" } else { "order-8" };
+        let r = s.conn().request(
+            "POST",
+            "/events",
+            &[("Content-Type", "application/json"), ("X-API-Key", KEY)],
+            json!({"type":"step","stream":stream,"data":{"i":i}})
+                .to_string()
+                .as_bytes(),
+        );
+        assert_eq!(r.status, 200);
+        seed(&s, 1);
+    }
+    let v = get(&s, "/streams/order%207").json();
+    let v = v.as_array().unwrap();
+    assert_eq!(v.len(), 15);
+    let versions: Vec<u64> = v
+        .iter()
+        .map(|e| e["stream_version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, (1..=15).collect::<Vec<_>>());
+    assert!(v.iter().all(|e| e["stream"] == "order 7"));
+    let page = get(&s, "/streams/order-8?from_version=14&limit=5").json();
+    let versions: Vec<u64> = page
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["stream_version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, vec![14, 15]);
+    assert_eq!(get(&s, "/streams/nobody").json(), json!([]));
+    let r = get(&s, "/streams/order-8?limit=0");
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (400, "invalid_parameter")
+    );
+    assert_eq!(s.get("/streams/order-8").status, 401);
+}
