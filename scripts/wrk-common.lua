@@ -3,12 +3,20 @@
 --   RESULT requests=… duration_us=… req_s=… events_s=… p50_us=… p99_us=… non2xx=… errors=…
 local M = {}
 
+-- STREAMS=1 in the environment puts each event in one of 1,000 streams
+-- ("order-N"), so the stream index and version checks are exercised.
+local streams = os.getenv("STREAMS")
+
 function M.event(i)
+  local stream = ""
+  if streams and streams ~= "" and streams ~= "0" then
+    stream = string.format(',"stream":"order-%d"', i % 1000)
+  end
   return string.format(
     '{"type":"order.placed","data":{"order_id":%d,"customer":"c-%d",' ..
     '"items":[{"sku":"SKU-%05d","qty":%d,"price":19.99}],"total":39.98,"currency":"EUR"},' ..
-    '"metadata":{"source":"wrk"}}',
-    100000 + i, i % 977, (i * 7919) % 100000, 1 + i % 4)
+    '"metadata":{"source":"wrk"}%s}',
+    100000 + i, i % 977, (i * 7919) % 100000, 1 + i % 4, stream)
 end
 
 function M.auth(w)

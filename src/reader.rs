@@ -104,14 +104,9 @@ impl Readers {
             .await
     }
 
-    /// Up to `limit` of one stream's events from `from_version` on, in version order.
-    pub async fn stream(
-        &self,
-        stream: String,
-        from_version: u64,
-        limit: usize,
-    ) -> Result<Vec<Event>, String> {
-        self.run(move |c| crate::storage::stream_events(c, &stream, from_version, limit))
+    /// The events at these positions, in the order given.
+    pub async fn at(&self, positions: Vec<u64>) -> Result<Vec<Event>, String> {
+        self.run(move |c| crate::storage::events_at(c, &positions))
             .await
     }
 }

@@ -494,9 +494,21 @@ async fn stream_read(
             _ => return Err(invalid("limit", &v, "between 1 and 10000")),
         },
     };
+    // Which positions: the LMDB index (no await while its read txn is open);
+    // the events themselves: SQLite, on the reader pool.
+    let positions = shard
+        .index
+        .stream_positions(&stream, from_version, limit)
+        .map_err(|e| {
+            ApiError::new(
+                503,
+                "index_unavailable",
+                format!("cannot read the index: {e}"),
+            )
+        })?;
     let events = shard
         .readers
-        .stream(stream, from_version, limit)
+        .at(positions)
         .await
         .map_err(|e| read_failed(shard, e))?;
     json_ok(out, &events_json(&events), keep_alive, is_head);

@@ -401,13 +401,24 @@ fn prune(
         return Ok(low);
     }
     let upto = cutoff.min(low + crate::limits::PRUNE_ROWS_PER_COMMIT - 1);
-    let mut del =
-        tx.prepare_cached("DELETE FROM events WHERE position BETWEEN ?1 AND ?2 RETURNING id")?;
-    let ids = del.query_map(rusqlite::params![low as i64, upto as i64], |r| {
-        r.get::<_, String>(0)
+    let mut del = tx.prepare_cached(
+        "DELETE FROM events WHERE position BETWEEN ?1 AND ?2 RETURNING id, stream, stream_version",
+    )?;
+    let rows = del.query_map(rusqlite::params![low as i64, upto as i64], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, Option<String>>(1)?,
+            r.get::<_, Option<i64>>(2)?,
+        ))
     })?;
-    for id in ids {
-        index.ids.delete(w, id?.as_bytes())?;
+    for row in rows {
+        let (id, stream, version) = row?;
+        index.ids.delete(w, id.as_bytes())?;
+        if let (Some(s), Some(v)) = (stream, version) {
+            index
+                .stream_events
+                .delete(w, &crate::index::stream_key(&s, v as u64))?;
+        }
     }
     Ok(upto + 1)
 }
@@ -488,6 +499,9 @@ fn apply(
                 index.ids.put(w, event.new.id.as_bytes(), &position)?;
                 if let (Some(s), Some(v)) = (&event.new.stream, version) {
                     index.streams.put(w, s.as_bytes(), &v)?;
+                    index
+                        .stream_events
+                        .put(w, &crate::index::stream_key(s, v), &position)?;
                 }
                 saved += 1;
                 first = first.min(position);

@@ -399,6 +399,13 @@ fn one_stream_in_version_order() {
         .collect();
     assert_eq!(versions, vec![14, 15]);
     assert_eq!(get(&s, "/streams/nobody").json(), json!([]));
+    // The (stream, version) index lives in LMDB: rebuilt from SQLite when lost.
+    let mut s = s;
+    assert!(s.terminate(Duration::from_secs(10)).success());
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+    s.restart();
+    let again = get(&s, "/streams/order-8?from_version=14&limit=5").json();
+    assert_eq!(again, page);
     let r = get(&s, "/streams/order-8?limit=0");
     assert_eq!(
         (r.status, r.error_code().as_str()),
