@@ -607,24 +607,55 @@ pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
 /// Append the stored event as the JSON object ebuse's client decodes, plus
 /// shardcast's additive fields.
 pub fn encode_event(out: &mut Vec<u8>, e: &Event, duplicate: bool) {
+    encode_fields(
+        out,
+        &EventRef {
+            position: e.position,
+            event_type: &e.new.event_type,
+            data: &e.new.data,
+            timestamp: &e.new.timestamp,
+            id: &e.new.id,
+            stream: e.new.stream.as_deref(),
+            stream_version: e.stream_version,
+            metadata: e.new.metadata.as_deref(),
+        },
+        duplicate,
+    )
+}
+
+/// A stored event's fields, borrowed (from an `Event`, or straight from a
+/// SQLite row, so reads encode without building owned events first).
+pub struct EventRef<'a> {
+    pub position: u64,
+    pub event_type: &'a str,
+    pub data: &'a [u8],
+    pub timestamp: &'a str,
+    pub id: &'a str,
+    pub stream: Option<&'a str>,
+    pub stream_version: Option<u64>,
+    pub metadata: Option<&'a [u8]>,
+}
+
+/// Encode a stored event as JSON, the shape every endpoint answers with.
+pub fn encode_fields(out: &mut Vec<u8>, e: &EventRef<'_>, duplicate: bool) {
     let mut buf = itoa::Buffer::new();
     out.extend_from_slice(b"{\"position\":");
     out.extend_from_slice(buf.format(e.position).as_bytes());
     out.extend_from_slice(b",\"type\":");
-    push_json_str(out, &e.new.event_type);
+    push_json_str(out, e.event_type);
     out.extend_from_slice(b",\"data\":");
-    out.extend_from_slice(&e.new.data);
+    out.extend_from_slice(e.data);
     out.extend_from_slice(b",\"timestamp\":\"");
-    out.extend_from_slice(e.new.timestamp.as_bytes());
+    out.extend_from_slice(e.timestamp.as_bytes());
     out.extend_from_slice(b"\",\"id\":");
-    push_json_str(out, &e.new.id);
-    if let Some(stream) = &e.new.stream {
+    push_json_str(out, e.id);
+    if let Some(stream) = e.stream {
         out.extend_from_slice(b",\"stream\":");
         push_json_str(out, stream);
         out.extend_from_slice(b",\"stream_version\":");
         out.extend_from_slice(buf.format(e.stream_version.unwrap_or(0)).as_bytes());
     }
-    if let Some(m) = &e.new.metadata {
+    if let Some(m) = e.metadata {
         out.extend_from_slice(b",\"metadata\":");
         out.extend_from_slice(m);
     }

@@ -86,16 +86,20 @@ impl Readers {
             .map_err(|_| "a reader thread stopped".to_string())?
     }
 
-    /// Up to `limit` stored events in `from..=to`, optionally of one type.
-    pub async fn range(
+    /// Up to `limit` stored events in `from..=to`, optionally of one type,
+    /// encoded on the pool thread straight from the rows: the JSON array and
+    /// the last position in it.
+    pub async fn range_json(
         &self,
         from: u64,
         to: u64,
         event_type: Option<String>,
         limit: usize,
-    ) -> Result<Vec<Event>, String> {
-        self.run(move |c| crate::storage::events_range(c, from, to, event_type.as_deref(), limit))
-            .await
+    ) -> Result<(Vec<u8>, Option<u64>), String> {
+        self.run(move |c| {
+            crate::storage::events_range_json(c, from, to, event_type.as_deref(), limit)
+        })
+        .await
     }
 
     /// Up to `limit` stored events from `from` on.

@@ -8,7 +8,6 @@
 //! terminates under continuous appends; a client continues with
 //! `from` = the last position + 1 (or subscribes over SSE).
 
-use crate::event::encode_event;
 use crate::http::ApiError;
 use crate::shard::Shard;
 use crate::sse::query_param;
@@ -56,7 +55,8 @@ pub async fn serve(
         stream.write_all(&out).await?;
         return Ok(true);
     }
-    let mut body = Vec::with_capacity(64 * 1024);
+    // What goes before the next page: `[` first, then `,`.
+    let mut body = Vec::with_capacity(8);
     body.push(b'[');
     let mut from = params.from;
     let mut first = true;
@@ -64,9 +64,9 @@ pub async fn serve(
         if from > head {
             break;
         }
-        let page = match shard
+        let (page, last) = match shard
             .readers
-            .range(from, head, params.event_type.clone(), params.batch)
+            .range_json(from, head, params.event_type.clone(), params.batch)
             .await
         {
             Ok(p) => p,
@@ -77,27 +77,24 @@ pub async fn serve(
                 return Ok(false);
             }
         };
-        let Some(last) = page.last().map(|e| e.position) else {
+        let Some(last) = last else {
             break;
         };
-        for e in &page {
-            if !first {
-                body.push(b',');
-            }
-            first = false;
-            encode_event(&mut body, e, false);
+        // The page arrives as `[e,…]`, encoded on the reader thread: it joins
+        // the replay's one array without its brackets.
+        let inner = &page[1..page.len() - 1];
+        if !first {
+            body.push(b',');
         }
-        drop(page);
-        // Header, page, trailer: the page is written from where it was encoded.
-        out.extend_from_slice(format!("{:x}\r\n", body.len()).as_bytes());
+        first = false;
+        out.extend_from_slice(format!("{:x}\r\n", body.len() + inner.len()).as_bytes());
+        out.extend_from_slice(&body);
         stream.write_all(&out).await?;
         out.clear();
-        stream.write_all(&body).await?;
-        stream.write_all(b"\r\n").await?;
         body.clear();
-        if body.capacity() > 4 << 20 {
-            body = Vec::with_capacity(64 * 1024);
-        }
+        stream.write_all(inner).await?;
+        stream.write_all(b"\r\n").await?;
+        drop(page);
         from = last + 1;
     }
     body.push(b']');

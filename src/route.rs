@@ -434,12 +434,13 @@ async fn load(
         ));
     }
     let event_type = param("type");
-    let events = shard
+    // Encoded on the reader thread: the shard only copies the answer out.
+    let (body, _) = shard
         .readers
-        .range(from, to, event_type, limit as usize)
+        .range_json(from, to, event_type, limit as usize)
         .await
         .map_err(|e| read_failed(shard, e))?;
-    json_ok(out, &events_json(&events), keep_alive, is_head);
+    json_ok(out, &body, keep_alive, is_head);
     Ok(())
 }
 

@@ -206,36 +206,64 @@ pub fn event_at(conn: &Connection, position: u64) -> rusqlite::Result<Option<Eve
 }
 
 /// Up to `limit` events with `from <= position <= to`, optionally of one
-/// type, in position order (a rowid range scan; the type is checked per row).
-pub fn events_range(
+/// type, in position order (a rowid range scan; the type is checked per row),
+/// encoded straight from the rows into a JSON array (no owned events in
+/// between). Returns the array and the last position.
+pub fn events_range_json(
     conn: &Connection,
     from: u64,
     to: u64,
     event_type: Option<&str>,
     limit: usize,
-) -> rusqlite::Result<Vec<Event>> {
+) -> rusqlite::Result<(Vec<u8>, Option<u64>)> {
     let clamp = |p: u64| p.min(i64::MAX as u64) as i64;
-    match event_type {
-        None => {
-            let mut stmt = conn.prepare_cached(&format!(
-                "SELECT {EVENT_COLUMNS} FROM events WHERE position BETWEEN ?1 AND ?2 ORDER BY position LIMIT ?3"
-            ))?;
-            let rows = stmt.query_map(
-                rusqlite::params![clamp(from), clamp(to), limit as i64],
-                event_row,
-            )?;
-            rows.collect()
+    let sql = match event_type {
+        None => format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE position BETWEEN ?1 AND ?2 AND ?3 IS NULL ORDER BY position LIMIT ?4"
+        ),
+        Some(_) => format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE position BETWEEN ?1 AND ?2 AND type = ?3 ORDER BY position LIMIT ?4"
+        ),
+    };
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut rows = stmt.query(rusqlite::params![
+        clamp(from),
+        clamp(to),
+        event_type,
+        limit as i64
+    ])?;
+    let mut out = Vec::with_capacity(limit.min(1024) * 200);
+    out.push(b'[');
+    let mut last = None;
+    while let Some(r) = rows.next()? {
+        if last.is_some() {
+            out.push(b',');
         }
-        Some(t) => {
-            let mut stmt = conn.prepare_cached(&format!(
-                "SELECT {EVENT_COLUMNS} FROM events WHERE position BETWEEN ?1 AND ?2 AND type = ?3 ORDER BY position LIMIT ?4"
-            ))?;
-            let rows = stmt.query_map(
-                rusqlite::params![clamp(from), clamp(to), t, limit as i64],
-                event_row,
-            )?;
-            rows.collect()
-        }
+        let text = |i: usize| -> rusqlite::Result<&str> {
+            r.get_ref(i)?.as_str().map_err(rusqlite::Error::from)
+        };
+        let position = r.get::<_, i64>(0)? as u64;
+        let e = crate::event::EventRef {
+            position,
+            id: text(1)?,
+            event_type: text(2)?,
+            data: json_ref(r.get_ref(3)?).unwrap_or(b"null"),
+            timestamp: text(4)?,
+            stream: r.get_ref(5)?.as_str_or_null()?,
+            stream_version: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+            metadata: json_ref(r.get_ref(7)?),
+        };
+        crate::event::encode_fields(&mut out, &e, false);
+        last = Some(position);
+    }
+    out.push(b']');
+    Ok((out, last))
+}
+
+fn json_ref(v: rusqlite::types::ValueRef<'_>) -> Option<&[u8]> {
+    match v {
+        rusqlite::types::ValueRef::Blob(b) | rusqlite::types::ValueRef::Text(b) => Some(b),
+        _ => None,
     }
 }
 
