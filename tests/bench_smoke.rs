@@ -120,3 +120,46 @@ fn bench_sse_runs_in_small_mode() {
         assert!(stdout.contains("nchan is not installed"), "{stdout}");
     }
 }
+
+#[test]
+fn bench_reads_runs_in_small_mode() {
+    if !have("wrk") || !have("curl") {
+        eprintln!("SKIPPED bench_reads_runs_in_small_mode: wrk or curl is not installed");
+        return;
+    }
+    let out = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/bench-reads.sh"
+        ))
+        .env("SHARDCAST_BIN", common::BIN)
+        .env("EVENTS", "5000")
+        .env("DURATION", "1s")
+        .env("RUNS", "1")
+        .env("CONNECTIONS", "8")
+        .env("THREADS", "1")
+        .output()
+        .expect("run scripts/bench-reads.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "bench-reads failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    for name in ["position", "consumer", "load10k"] {
+        let m = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("MEDIAN {name} ")))
+            .map(fields)
+            .unwrap_or_else(|| panic!("no MEDIAN {name} in:\n{stdout}"));
+        assert!(m["req_s"] > 0.0, "{name}: {stdout}");
+        assert_eq!(m["non2xx"] + m["errors"], 0.0, "{name}: {stdout}");
+    }
+    let stream = stdout
+        .lines()
+        .find(|l| l.starts_with("STREAM "))
+        .unwrap_or_else(|| panic!("no STREAM line in:\n{stdout}"));
+    let s = fields(stream);
+    assert_eq!(s["events"], 5000.0);
+    assert!(s["bytes"] > 5000.0 * 50.0, "{stream}");
+}
