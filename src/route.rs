@@ -311,23 +311,7 @@ async fn append(
         }
     };
     let events = parsed.map_err(bad_request)?;
-    let outcome = match shard.writer.submit(kind, events, body.len()) {
-        Submit::Queued(pending) => pending.await,
-        Submit::Shed => {
-            let mut e = ApiError::new(
-                503,
-                "overloaded",
-                "the writer's queue is full; retry after the delay given",
-            );
-            e.retry_after_secs = Some(shard.cfg.writer.retry_after_secs);
-            return Err(e);
-        }
-        Submit::Stopped => {
-            let mut e = ApiError::new(503, "shutting_down", "the server is shutting down");
-            e.retry_after_secs = Some(shard.cfg.writer.retry_after_secs);
-            return Err(e);
-        }
-    };
+    let outcome = committed(shard, shard.writer.submit(kind, events, body.len())).await?;
     match outcome {
         Outcome::One { event, duplicate } => {
             let mut b = Vec::with_capacity(128 + event.new.data.len());
@@ -370,15 +354,11 @@ async fn append(
             "internal",
             "a position answer to an append",
         )),
-        Outcome::Failed { message } => {
-            let mut e = ApiError::new(
-                503,
-                "storage_unavailable",
-                format!("events were not stored: {message}"),
-            );
-            e.retry_after_secs = Some(shard.cfg.writer.retry_after_secs);
-            Err(e)
-        }
+        Outcome::Failed { message } => Err(retry_later(
+            shard,
+            "storage_unavailable",
+            format!("events were not stored: {message}"),
+        )),
     }
 }
 
@@ -460,13 +440,11 @@ fn events_json(events: &[crate::event::Event]) -> Vec<u8> {
 }
 
 fn read_failed(shard: &Shard, e: String) -> ApiError {
-    let mut err = ApiError::new(
-        503,
+    retry_later(
+        shard,
         "storage_unavailable",
         format!("cannot read events: {e}"),
-    );
-    err.retry_after_secs = Some(shard.cfg.writer.retry_after_secs);
-    err
+    )
 }
 
 /// `GET /streams/{stream}`: one stream's events in version order.
@@ -565,24 +543,7 @@ async fn consumer_set(
             "a position ≥ 0",
         ));
     }
-    let pending = match shard.writer.submit_consumer(id, b.position as u64) {
-        Submit::Queued(p) => p,
-        Submit::Shed => {
-            let mut e = ApiError::new(
-                503,
-                "overloaded",
-                "the writer's queue is full; retry after the delay given",
-            );
-            e.retry_after_secs = Some(shard.cfg.writer.retry_after_secs);
-            return Err(e);
-        }
-        Submit::Stopped => {
-            let mut e = ApiError::new(503, "shutting_down", "the server is shutting down");
-            e.retry_after_secs = Some(shard.cfg.writer.retry_after_secs);
-            return Err(e);
-        }
-    };
-    match pending.await {
+    match committed(shard, shard.writer.submit_consumer(id, b.position as u64)).await? {
         Outcome::PositionSaved => {
             write_response(out, 204, JSON, &[], b"", keep_alive);
             Ok(())
@@ -592,19 +553,39 @@ async fn consumer_set(
             "position_beyond_head",
             format!("position {} is beyond the newest event, {head}", b.position),
         )),
-        Outcome::Failed { message } => {
-            let mut e = ApiError::new(
-                503,
-                "storage_unavailable",
-                format!("position was not stored: {message}"),
-            );
-            e.retry_after_secs = Some(shard.cfg.writer.retry_after_secs);
-            Err(e)
-        }
+        Outcome::Failed { message } => Err(retry_later(
+            shard,
+            "storage_unavailable",
+            format!("position was not stored: {message}"),
+        )),
         other => Err(ApiError::new(
             500,
             "internal",
             format!("unexpected writer answer {other:?}"),
+        )),
+    }
+}
+
+/// A 503 the client should retry after `writer.retry_after_secs`.
+fn retry_later(shard: &Shard, code: &'static str, message: String) -> ApiError {
+    let mut e = ApiError::new(503, code, message);
+    e.retry_after_secs = Some(shard.cfg.writer.retry_after_secs);
+    e
+}
+
+/// Wait for a queued write to commit, or say why it was not queued.
+async fn committed(shard: &Shard, submitted: Submit) -> Result<Outcome, ApiError> {
+    match submitted {
+        Submit::Queued(pending) => Ok(pending.await),
+        Submit::Shed => Err(retry_later(
+            shard,
+            "overloaded",
+            "the writer's queue is full; retry after the delay given".into(),
+        )),
+        Submit::Stopped => Err(retry_later(
+            shard,
+            "shutting_down",
+            "the server is shutting down".into(),
         )),
     }
 }
