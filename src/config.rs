@@ -102,6 +102,11 @@ pub struct ServerConfig {
     pub cors_origins: Vec<String>,
     /// Send `Access-Control-Allow-Credentials: true` (never with `*`).
     pub cors_allow_credentials: bool,
+    /// Read answers at least this large are gzipped for clients that accept it
+    /// (None: never; ebuse's `ENABLE_GZIP=false`).
+    pub gzip_min_bytes: Option<usize>,
+    /// zlib level, 1 (fastest) to 9 (smallest).
+    pub gzip_level: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -233,6 +238,9 @@ pub struct RawServer {
     pub pin_cpus: Option<bool>,
     pub cors_origins: Option<Vec<String>>,
     pub cors_allow_credentials: Option<bool>,
+    pub gzip: Option<bool>,
+    pub gzip_min_bytes: Option<i64>,
+    pub gzip_level: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -382,6 +390,9 @@ pub const KEYS: &[(&str, &str)] = &[
     ("server", "pin_cpus"),
     ("server", "cors_origins"),
     ("server", "cors_allow_credentials"),
+    ("server", "gzip"),
+    ("server", "gzip_min_bytes"),
+    ("server", "gzip_level"),
     ("writer", "batch_events_max"),
     ("writer", "queue_requests_max"),
     ("writer", "queue_bytes_max"),
@@ -414,6 +425,7 @@ pub const KEYS: &[(&str, &str)] = &[
 
 /// ebuse's environment names and the key each one sets.
 pub const EBUSE_ENV: &[(&str, &str, &str)] = &[
+    ("ENABLE_GZIP", "server", "gzip"),
     ("API_KEY", "auth", "api_key"),
     ("DB_PATH", "database", "path"),
     ("READ_TIMEOUT", "server", "read_timeout"),
@@ -459,6 +471,9 @@ fn set_raw(raw: &mut RawConfig, section: &str, key: &str, v: String) -> Result<(
                     .collect(),
             )
         }
+        ("server", "gzip") => raw.server.gzip = Some(boolean(&v)?),
+        ("server", "gzip_min_bytes") => raw.server.gzip_min_bytes = Some(int(&v)?),
+        ("server", "gzip_level") => raw.server.gzip_level = Some(int(&v)?),
         ("server", "cors_allow_credentials") => {
             raw.server.cors_allow_credentials = Some(boolean(&v)?)
         }
@@ -631,6 +646,22 @@ impl Config {
             )? as usize,
             cors_origins: s.cors_origins.unwrap_or_default(),
             cors_allow_credentials: s.cors_allow_credentials.unwrap_or(false),
+            gzip_min_bytes: if need(s.gzip, "server.gzip")? {
+                Some(range(
+                    need(s.gzip_min_bytes, "server.gzip_min_bytes")?,
+                    "server.gzip_min_bytes",
+                    0,
+                    i64::MAX,
+                )? as usize)
+            } else {
+                None
+            },
+            gzip_level: range(
+                need(s.gzip_level, "server.gzip_level")?,
+                "server.gzip_level",
+                1,
+                9,
+            )? as u32,
         };
         for o in &server.cors_origins {
             if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
@@ -918,7 +949,10 @@ impl RawConfig {
             io_memory_bytes,
             pin_cpus,
             cors_origins,
-            cors_allow_credentials
+            cors_allow_credentials,
+            gzip,
+            gzip_min_bytes,
+            gzip_level
         );
         pick!(
             out.writer,
@@ -1039,7 +1073,7 @@ mod tests {
         for (section, key) in KEYS {
             let mut raw = RawConfig::default();
             let v = match *key {
-                "pin_cpus" | "cors_allow_credentials" => "true",
+                "pin_cpus" | "cors_allow_credentials" | "gzip" => "true",
                 "listen" => "127.0.0.1:1",
                 "synchronous" => "full",
                 "format" => "json",

@@ -665,6 +665,21 @@ pub fn encode_fields(out: &mut Vec<u8>, e: &EventRef<'_>, duplicate: bool) {
     out.push(b'}');
 }
 
+/// Events as a JSON array, as `POST /events` shapes each one.
+pub fn events_json(events: &[Event]) -> Vec<u8> {
+    let mut body =
+        Vec::with_capacity(2 + events.iter().map(|e| 160 + e.new.data.len()).sum::<usize>());
+    body.push(b'[');
+    for (i, e) in events.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        encode_event(&mut body, e, false);
+    }
+    body.push(b']');
+    body
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

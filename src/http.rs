@@ -70,6 +70,8 @@ pub struct RequestHead {
     pub last_event_id: Option<Range<usize>>,
     /// `Origin` (a browser on some page).
     pub origin: Option<Range<usize>>,
+    /// `Accept-Encoding` allows gzip.
+    pub accept_gzip: bool,
 }
 
 /// An error answer. `close` ends the connection after it is written.
@@ -300,6 +302,7 @@ pub fn parse_head(buf: &[u8], max_header_bytes: usize) -> Parsed {
         api_key: None,
         last_event_id: None,
         origin: None,
+        accept_gzip: false,
     };
     for h in req.headers.iter() {
         let name = h.name;
@@ -354,6 +357,16 @@ pub fn parse_head(buf: &[u8], max_header_bytes: usize) -> Parsed {
             if value.len() > 7 && value[..7].eq_ignore_ascii_case(b"bearer ") {
                 head.api_key = Some(range_of(buf, trim(&value[7..])));
             }
+        } else if name.eq_ignore_ascii_case("accept-encoding") {
+            head.accept_gzip = value.split(|c| *c == b',').any(|coding| {
+                let mut parts = coding.split(|c| *c == b';');
+                let name = trim(parts.next().unwrap_or(b""));
+                let refused = parts.any(|p| {
+                    let p = trim(p);
+                    p.eq_ignore_ascii_case(b"q=0") || p.eq_ignore_ascii_case(b"q=0.0")
+                });
+                (name.eq_ignore_ascii_case(b"gzip") || name == b"*") && !refused
+            });
         } else if name.eq_ignore_ascii_case("origin") {
             head.origin = Some(range_of(buf, value));
         } else if name.eq_ignore_ascii_case("last-event-id") {

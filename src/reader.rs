@@ -67,6 +67,28 @@ impl ReaderPool {
     }
 }
 
+/// Gzip `body` when `min` allows it and it is at least that large; says
+/// whether it did. Runs on a reader thread, never on a shard.
+pub fn gzip_if(body: Vec<u8>, min: Option<usize>, level: u32) -> (Vec<u8>, bool) {
+    use std::io::Write;
+    match min {
+        Some(min) if body.len() >= min => {
+            let mut enc = flate2::write::GzEncoder::new(
+                Vec::with_capacity(body.len() / 4),
+                flate2::Compression::new(level),
+            );
+            // Writing to a Vec cannot fail.
+            if enc.write_all(&body).is_ok() {
+                if let Ok(z) = enc.finish() {
+                    return (z, true);
+                }
+            }
+            (body, false)
+        }
+        _ => (body, false),
+    }
+}
+
 impl Readers {
     /// Run `read` on a pool thread and await its result.
     pub async fn run<T: Send + 'static>(
@@ -108,9 +130,36 @@ impl Readers {
             .await
     }
 
-    /// The events at these positions, in the order given.
-    pub async fn at(&self, positions: Vec<u64>) -> Result<Vec<Event>, String> {
-        self.run(move |c| crate::storage::events_at(c, &positions))
-            .await
+    /// The events at these positions, in the order given, as a JSON array,
+    /// gzipped per `gzip_if`.
+    pub async fn at_json(
+        &self,
+        positions: Vec<u64>,
+        gzip_min: Option<usize>,
+        level: u32,
+    ) -> Result<(Vec<u8>, bool), String> {
+        self.run(move |c| {
+            let events = crate::storage::events_at(c, &positions)?;
+            Ok(gzip_if(crate::event::events_json(&events), gzip_min, level))
+        })
+        .await
+    }
+
+    /// `range_json`, then `gzip_if`, both on the pool thread.
+    pub async fn range_json_gzip(
+        &self,
+        from: u64,
+        to: u64,
+        event_type: Option<String>,
+        limit: usize,
+        gzip_min: Option<usize>,
+        level: u32,
+    ) -> Result<(Vec<u8>, bool), String> {
+        self.run(move |c| {
+            let (body, _) =
+                crate::storage::events_range_json(c, from, to, event_type.as_deref(), limit)?;
+            Ok(gzip_if(body, gzip_min, level))
+        })
+        .await
     }
 }

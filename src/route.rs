@@ -414,29 +414,39 @@ async fn load(
         ));
     }
     let event_type = param("type");
-    // Encoded on the reader thread: the shard only copies the answer out.
-    let (body, _) = shard
+    // Encoded (and gzipped) on the reader thread: the shard only copies it out.
+    let (body, gz) = shard
         .readers
-        .range_json(from, to, event_type, limit as usize)
+        .range_json_gzip(
+            from,
+            to,
+            event_type,
+            limit as usize,
+            gzip_min(shard, head),
+            shard.cfg.server.gzip_level,
+        )
         .await
         .map_err(|e| read_failed(shard, e))?;
-    json_ok(out, &body, keep_alive, is_head);
+    json_answer(out, &body, gz, keep_alive, is_head);
     Ok(())
 }
 
-/// Events as a JSON array, as `POST /events` shapes each one.
-fn events_json(events: &[crate::event::Event]) -> Vec<u8> {
-    let mut body =
-        Vec::with_capacity(2 + events.iter().map(|e| 160 + e.new.data.len()).sum::<usize>());
-    body.push(b'[');
-    for (i, e) in events.iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        encode_event(&mut body, e, false);
+/// The gzip threshold for this request: None when the client or the config
+/// says no.
+fn gzip_min(shard: &Shard, head: &RequestHead) -> Option<usize> {
+    shard.cfg.server.gzip_min_bytes.filter(|_| head.accept_gzip)
+}
+
+/// A 200 JSON answer that may be gzipped; caches must key on the encoding.
+fn json_answer(out: &mut Vec<u8>, body: &[u8], gzipped: bool, keep_alive: bool, is_head: bool) {
+    let mut extra = vec![("Vary", "Accept-Encoding".to_string())];
+    if gzipped {
+        extra.push(("Content-Encoding", "gzip".to_string()));
     }
-    body.push(b']');
-    body
+    write_response(out, 200, JSON, &extra, body, keep_alive);
+    if is_head {
+        out.truncate(out.len() - body.len());
+    }
 }
 
 fn read_failed(shard: &Shard, e: String) -> ApiError {
@@ -485,12 +495,16 @@ async fn stream_read(
                 format!("cannot read the index: {e}"),
             )
         })?;
-    let events = shard
+    let (body, gz) = shard
         .readers
-        .at(positions)
+        .at_json(
+            positions,
+            gzip_min(shard, head),
+            shard.cfg.server.gzip_level,
+        )
         .await
         .map_err(|e| read_failed(shard, e))?;
-    json_ok(out, &events_json(&events), keep_alive, is_head);
+    json_answer(out, &body, gz, keep_alive, is_head);
     Ok(())
 }
 

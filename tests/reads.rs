@@ -413,3 +413,61 @@ fn one_stream_in_version_order() {
     );
     assert_eq!(s.get("/streams/order-8").status, 401);
 }
+
+#[test]
+fn gzip_round_trip_when_accepted_and_large_enough() {
+    use std::io::Read;
+    let dir = TempDir::new("gzip");
+    let s = Server::start(dir.path(), &[("API_KEY", KEY)]);
+    seed(&s, 500);
+    let plain = get(&s, "/events?from=1");
+    assert!(plain.header("content-encoding").is_none());
+    let r = s.conn().request(
+        "GET",
+        "/events?from=1",
+        &[
+            ("X-API-Key", KEY),
+            ("Accept-Encoding", "br;q=1.0, gzip;q=0.8"),
+        ],
+        b"",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-encoding"), Some("gzip"));
+    assert!(
+        r.body.len() * 3 < plain.body.len(),
+        "{} vs {}",
+        r.body.len(),
+        plain.body.len()
+    );
+    let mut unzipped = Vec::new();
+    flate2::read::GzDecoder::new(&r.body[..])
+        .read_to_end(&mut unzipped)
+        .unwrap();
+    assert_eq!(unzipped, plain.body, "the same JSON");
+    // Small answers and refusing clients get it plain.
+    let small = s.conn().request(
+        "GET",
+        "/events?from=1&limit=1",
+        &[("X-API-Key", KEY), ("Accept-Encoding", "gzip")],
+        b"",
+    );
+    assert!(small.header("content-encoding").is_none());
+    let refused = s.conn().request(
+        "GET",
+        "/events?from=1",
+        &[("X-API-Key", KEY), ("Accept-Encoding", "gzip;q=0")],
+        b"",
+    );
+    assert!(refused.header("content-encoding").is_none());
+    // ebuse's ENABLE_GZIP=false turns it off.
+    let dir2 = TempDir::new("gzip-off");
+    let s2 = Server::start(dir2.path(), &[("API_KEY", KEY), ("ENABLE_GZIP", "false")]);
+    seed(&s2, 500);
+    let r = s2.conn().request(
+        "GET",
+        "/events?from=1",
+        &[("X-API-Key", KEY), ("Accept-Encoding", "gzip")],
+        b"",
+    );
+    assert!(r.header("content-encoding").is_none());
+}
