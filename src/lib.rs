@@ -1,5 +1,5 @@
 //! shardcast: an event store that takes events over HTTP, commits them
-//! durably, and (next) pushes them live to Server-Sent-Events clients.
+//! durably, and pushes them live to Server-Sent-Events clients.
 //!
 //! The data path, one module per stage:
 //!
@@ -9,7 +9,9 @@
 //!                  http     parse, keep-alive, pipelining, timeouts, JSON errors
 //!                   │
 //!                  route    endpoint, auth, limits; parse events (event)
-//!                   │         └─ reads: LMDB index (index), no locks
+//!                   │         ├─ lookups: LMDB index (index), no locks
+//!                   │         └─ reads: SQLite on the reader pool (reader);
+//!                   │            long replays a page at a time (replay)
 //!                  shard    per-core queue → one flume message per wakeup
 //!                   │
 //!                  writer   one thread: check ids/versions (index), one SQLite
@@ -26,7 +28,8 @@
 //! thread, so no commit waits for a checkpoint's fsync.
 //!
 //! `config` holds every setting (raw TOML → validated `Config`), `limits` the
-//! fixed ones, `server` the process lifecycle.
+//! fixed ones, `server` the process lifecycle, `bench` the SSE load tool
+//! (`shardcast bench sse`).
 
 pub mod accept;
 pub mod bench;
