@@ -10,7 +10,6 @@
 
 use crate::http::ApiError;
 use crate::shard::Shard;
-use crate::sse::query_param;
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 
@@ -120,30 +119,10 @@ struct Params {
 }
 
 fn parse(query: &str) -> Result<Params, ApiError> {
-    let param = |name: &str| query_param(query, name).filter(|v| !v.is_empty());
-    let from = match param("from") {
-        None => 0,
-        Some(v) => v
-            .trim()
-            .parse::<u64>()
-            .map_err(|_| crate::route::invalid("from", &v, "a whole number ≥ 0"))?,
-    };
-    let batch = match param("batch_size") {
-        None => BATCH_EVENTS_DEFAULT,
-        Some(v) => match v.trim().parse::<usize>() {
-            Ok(n) if (1..=BATCH_EVENTS_MAX).contains(&n) => n,
-            _ => {
-                return Err(crate::route::invalid(
-                    "batch_size",
-                    &v,
-                    "between 1 and 5000",
-                ))
-            }
-        },
-    };
+    let q = crate::route::Query(query);
     Ok(Params {
-        from,
-        batch,
-        event_type: param("type"),
+        from: q.number("from", 0)?,
+        batch: q.count("batch_size", BATCH_EVENTS_DEFAULT, BATCH_EVENTS_MAX)?,
+        event_type: q.get("type"),
     })
 }

@@ -374,6 +374,39 @@ pub fn invalid(name: &str, v: &str, what: &str) -> ApiError {
     )
 }
 
+/// A request's query string, read the way every read endpoint reads it:
+/// percent-decoded, empty values as absent, 400 `invalid_parameter` for a
+/// value that is not what the name needs.
+pub struct Query<'a>(pub &'a str);
+
+impl Query<'_> {
+    pub fn get(&self, name: &str) -> Option<String> {
+        crate::sse::query_param(self.0, name).filter(|v| !v.is_empty())
+    }
+
+    /// A whole number ≥ 0 (a position or a version), or `default`.
+    pub fn number(&self, name: &str, default: u64) -> Result<u64, ApiError> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => v
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| invalid(name, &v, "a whole number ≥ 0")),
+        }
+    }
+
+    /// A count in `1..=max`, or `default`.
+    pub fn count(&self, name: &str, default: usize, max: usize) -> Result<usize, ApiError> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => match v.trim().parse::<usize>() {
+                Ok(n) if (1..=max).contains(&n) => Ok(n),
+                _ => Err(invalid(name, &v, &format!("between 1 and {max}"))),
+            },
+        }
+    }
+}
+
 /// Most events one `GET /events` returns (ebuse's limit).
 const LOAD_EVENTS_MAX: usize = 10_000;
 
@@ -387,33 +420,16 @@ async fn load(
     keep_alive: bool,
     is_head: bool,
 ) -> Result<(), ApiError> {
-    let query = std::str::from_utf8(&req[head.query.clone()]).unwrap_or("");
-    let param = |name: &str| crate::sse::query_param(query, name).filter(|v| !v.is_empty());
-    let number = |name: &str, default: u64| -> Result<u64, ApiError> {
-        match param(name) {
-            None => Ok(default),
-            Some(v) => v
-                .trim()
-                .parse::<u64>()
-                .map_err(|_| invalid(name, &v, "a whole number ≥ 0")),
-        }
-    };
+    let q = Query(std::str::from_utf8(&req[head.query.clone()]).unwrap_or(""));
     // ebuse's client sends `to=-1` for "no upper bound" only by omitting it;
     // a literal -1 is accepted as the same.
-    let from = number("from", 0)?;
-    let to = match param("to").as_deref() {
+    let from = q.number("from", 0)?;
+    let to = match q.get("to").as_deref() {
         Some("-1") => u64::MAX,
-        _ => number("to", u64::MAX)?,
+        _ => q.number("to", u64::MAX)?,
     };
-    let limit = number("limit", LOAD_EVENTS_MAX as u64)?;
-    if limit == 0 || limit > LOAD_EVENTS_MAX as u64 {
-        return Err(invalid(
-            "limit",
-            &limit.to_string(),
-            "between 1 and 10000 (use /events/stream for more)",
-        ));
-    }
-    let event_type = param("type");
+    let limit = q.count("limit", LOAD_EVENTS_MAX, LOAD_EVENTS_MAX)?;
+    let event_type = q.get("type");
     // Encoded (and gzipped) on the reader thread: the shard only copies it out.
     let (body, gz) = shard
         .readers
@@ -421,7 +437,7 @@ async fn load(
             from,
             to,
             event_type,
-            limit as usize,
+            limit,
             gzip_min(shard, head),
             shard.cfg.server.gzip_level,
         )
@@ -467,22 +483,9 @@ async fn stream_read(
     is_head: bool,
 ) -> Result<(), ApiError> {
     let stream = stream_name(path_of(head, req)).unwrap_or_default();
-    let query = std::str::from_utf8(&req[head.query.clone()]).unwrap_or("");
-    let param = |name: &str| crate::sse::query_param(query, name).filter(|v| !v.is_empty());
-    let from_version = match param("from_version") {
-        None => 1,
-        Some(v) => v
-            .trim()
-            .parse::<u64>()
-            .map_err(|_| invalid("from_version", &v, "a whole number ≥ 0"))?,
-    };
-    let limit = match param("limit") {
-        None => LOAD_EVENTS_MAX,
-        Some(v) => match v.trim().parse::<usize>() {
-            Ok(n) if (1..=LOAD_EVENTS_MAX).contains(&n) => n,
-            _ => return Err(invalid("limit", &v, "between 1 and 10000")),
-        },
-    };
+    let q = Query(std::str::from_utf8(&req[head.query.clone()]).unwrap_or(""));
+    let from_version = q.number("from_version", 1)?;
+    let limit = q.count("limit", LOAD_EVENTS_MAX, LOAD_EVENTS_MAX)?;
     // Which positions: the LMDB index (no await while its read txn is open);
     // the events themselves: SQLite, on the reader pool.
     let positions = shard
