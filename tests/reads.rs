@@ -16,12 +16,7 @@ fn seed(s: &Server, n: usize) {
     let evs: Vec<Value> = (0..n)
         .map(|i| json!({"type": if i % 3 == 0 { "fizz" } else { "plain" }, "data": {"i": i + 1}}))
         .collect();
-    let r = s.conn().request(
-        "POST",
-        "/events/batch",
-        &[("Content-Type", "application/json"), ("X-API-Key", KEY)],
-        serde_json::to_vec(&evs).unwrap().as_slice(),
-    );
+    let r = s.conn().post_json("/events/batch", KEY, &Value::Array(evs));
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
@@ -236,12 +231,7 @@ fn a_million_event_replay_keeps_memory_flat_and_a_slow_reader_blocks_no_one() {
         let evs: Vec<Value> = (0..1000)
             .map(|i| json!({"type":"s","data":{"n": b * 1000 + i, "pad": pad}}))
             .collect();
-        let r = conn.request(
-            "POST",
-            "/events/batch",
-            &[("Content-Type", "application/json"), ("X-API-Key", KEY)],
-            serde_json::to_vec(&evs).unwrap().as_slice(),
-        );
+        let r = conn.post_json("/events/batch", KEY, &Value::Array(evs));
         assert_eq!(r.status, 200);
     }
     // The server's heap is sampled through the replay; what is allocated once

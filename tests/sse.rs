@@ -12,16 +12,12 @@ use std::time::{Duration, Instant};
 const KEY: &str = "sse-test-key-0123456789";
 
 fn post(s: &Server, body: &Value) -> Value {
-    let r = s.conn().request(
-        "POST",
-        if body.is_array() {
-            "/events/batch"
-        } else {
-            "/events"
-        },
-        &[("Content-Type", "application/json"), ("X-API-Key", KEY)],
-        body.to_string().as_bytes(),
-    );
+    let path = if body.is_array() {
+        "/events/batch"
+    } else {
+        "/events"
+    };
+    let r = s.conn().post_json(path, KEY, body);
     assert_eq!(r.status, 200, "{}", r.text());
     r.json()
 }
@@ -144,12 +140,7 @@ fn reconnecting_at_random_moments_receives_every_position_once_in_order() {
             while sent < total {
                 let n = 1 + (sent % 7);
                 let evs: Vec<Value> = (0..n).map(|k| json!({"type":"p","data":{"k":k}})).collect();
-                let r = conn.request(
-                    "POST",
-                    "/events/batch",
-                    &[("Content-Type", "application/json"), ("X-API-Key", KEY)],
-                    serde_json::to_vec(&evs).unwrap().as_slice(),
-                );
+                let r = conn.post_json("/events/batch", KEY, &Value::Array(evs));
                 assert_eq!(r.status, 200);
                 sent += n;
                 if sent % 200 < 7 {

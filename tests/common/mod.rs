@@ -254,6 +254,16 @@ impl Conn {
         }
     }
 
+    /// POST a JSON value with `X-API-Key`; the answer, whatever its status.
+    pub fn post_json(&mut self, path: &str, key: &str, body: &serde_json::Value) -> Response {
+        self.request(
+            "POST",
+            path,
+            &[("Content-Type", "application/json"), ("X-API-Key", key)],
+            body.to_string().as_bytes(),
+        )
+    }
+
     pub fn send_raw(&mut self, raw: &[u8]) {
         self.stream.write_all(raw).unwrap();
     }
