@@ -173,6 +173,20 @@ pub fn write_response(
     body: &[u8],
     keep_alive: bool,
 ) {
+    write_head(out, status, content_type, extra, body.len(), keep_alive);
+    out.extend_from_slice(body);
+}
+
+/// The status line and headers of an answer whose body (of `body_len`
+/// bytes) the caller appends.
+pub fn write_head(
+    out: &mut Vec<u8>,
+    status: u16,
+    content_type: &str,
+    extra: &[(&str, String)],
+    body_len: usize,
+    keep_alive: bool,
+) {
     let mut n = itoa::Buffer::new();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(n.format(status).as_bytes());
@@ -184,7 +198,7 @@ pub fn write_response(
         out.extend_from_slice(b"Content-Type: ");
         out.extend_from_slice(content_type.as_bytes());
         out.extend_from_slice(b"\r\nContent-Length: ");
-        out.extend_from_slice(n.format(body.len()).as_bytes());
+        out.extend_from_slice(n.format(body_len).as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     for (k, v) in extra {
@@ -197,7 +211,6 @@ pub fn write_response(
         out.extend_from_slice(b"Connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body);
 }
 
 pub enum Parsed {

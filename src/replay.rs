@@ -63,7 +63,9 @@ pub async fn serve(
         if from > head {
             break;
         }
-        let (page, last) = match shard
+        let crate::storage::Page {
+            json: page, last, ..
+        } = match shard
             .readers
             .range_json(from, head, params.event_type.clone(), params.batch)
             .await

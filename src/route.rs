@@ -5,6 +5,7 @@
 
 use crate::event::{self, encode_event, Parser};
 use crate::http::{write_response, ApiError, ContentType, Method, RequestHead, JSON};
+use crate::reader::Answer;
 use crate::shard::{Shard, Submit};
 use crate::writer::{AppendKind, Outcome};
 use std::rc::Rc;
@@ -430,20 +431,24 @@ async fn load(
     };
     let limit = q.count("limit", LOAD_EVENTS_MAX, LOAD_EVENTS_MAX)?;
     let event_type = q.get("type");
-    // Encoded (and gzipped) on the reader thread: the shard only copies it out.
-    let (body, gz) = shard
+    // Encoded (and gzipped) on the reader threads: the shard only copies it
+    // out. The committed head lets a large page be read in parallel parts;
+    // without it (index unreadable) the page is read in one piece.
+    let committed = shard.index.head().unwrap_or(0);
+    let body = shard
         .readers
-        .range_json_gzip(
+        .page_json(
             from,
             to,
             event_type,
             limit,
+            committed,
             gzip_min(shard, head),
             shard.cfg.server.gzip_level,
         )
         .await
         .map_err(|e| read_failed(shard, e))?;
-    json_answer(out, &body, gz, keep_alive, is_head);
+    answer(out, &body, keep_alive, is_head);
     Ok(())
 }
 
@@ -455,14 +460,27 @@ fn gzip_min(shard: &Shard, head: &RequestHead) -> Option<usize> {
 
 /// A 200 JSON answer that may be gzipped; caches must key on the encoding.
 fn json_answer(out: &mut Vec<u8>, body: &[u8], gzipped: bool, keep_alive: bool, is_head: bool) {
+    write_json_head(out, gzipped, body.len(), keep_alive);
+    if !is_head {
+        out.extend_from_slice(body);
+    }
+}
+
+/// A 200 JSON answer that may be gzipped or in parts.
+fn answer(out: &mut Vec<u8>, answer: &Answer, keep_alive: bool, is_head: bool) {
+    write_json_head(out, answer.gzipped, answer.len(), keep_alive);
+    if !is_head {
+        answer.write_to(out);
+    }
+}
+
+/// Caches must key on the encoding.
+fn write_json_head(out: &mut Vec<u8>, gzipped: bool, len: usize, keep_alive: bool) {
     let mut extra = vec![("Vary", "Accept-Encoding".to_string())];
     if gzipped {
         extra.push(("Content-Encoding", "gzip".to_string()));
     }
-    write_response(out, 200, JSON, &extra, body, keep_alive);
-    if is_head {
-        out.truncate(out.len() - body.len());
-    }
+    crate::http::write_head(out, 200, JSON, &extra, len, keep_alive);
 }
 
 fn read_failed(shard: &Shard, e: String) -> ApiError {
