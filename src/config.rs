@@ -74,6 +74,8 @@ pub struct Config {
     pub log: LogConfig,
     pub sse: SseConfig,
     pub storage: StorageConfig,
+    /// `[[tenants]]` from the config file (a tenants file, if named, wins).
+    pub tenants: Vec<crate::tenant::RawTenant>,
 }
 
 #[derive(Debug, Clone)]
@@ -134,6 +136,13 @@ pub struct ApiConfig {
 pub struct AuthConfig {
     /// The key every request but `/health` must carry; None: no auth, loopback only.
     pub api_key: Option<String>,
+    /// Single-tenant keys that may only read and subscribe.
+    pub read_api_keys: Vec<String>,
+    /// May list tenants (`GET /tenants`); holds no tenant's data.
+    pub admin_api_key: Option<String>,
+    pub admin_api_key_sha256: Option<String>,
+    /// ebuse's `tenants.yaml` (`--tenants`): multi-tenant mode.
+    pub tenants_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -148,6 +157,10 @@ pub struct DatabaseConfig {
     pub journal_size_limit_bytes: i64,
     /// Read-only connections (one thread each) serving catch-up and reads.
     pub read_connections: usize,
+    /// Size cap (`PRAGMA max_page_count`); appends beyond it get 507.
+    pub max_database_bytes: Option<u64>,
+    /// Where `[[tenants]]` from the config keep their databases.
+    pub tenants_dir: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -214,12 +227,15 @@ pub struct RawConfig {
     pub sse: RawSse,
     #[serde(default)]
     pub storage: RawStorage,
+    #[serde(default)]
+    pub tenants: Vec<crate::tenant::RawTenant>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawStorage {
     pub retain_events: Option<i64>,
+    pub max_database_bytes: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -263,6 +279,10 @@ pub struct RawApi {
 #[serde(deny_unknown_fields)]
 pub struct RawAuth {
     pub api_key: Option<String>,
+    pub read_api_keys: Option<Vec<String>>,
+    pub admin_api_key: Option<String>,
+    pub admin_api_key_sha256: Option<String>,
+    pub tenants_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -276,6 +296,7 @@ pub struct RawDatabase {
     pub wal_autocheckpoint: Option<i64>,
     pub journal_size_limit: Option<i64>,
     pub read_connections: Option<i64>,
+    pub tenants_dir: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -400,6 +421,10 @@ pub const KEYS: &[(&str, &str)] = &[
     ("api", "batch_events_max"),
     ("api", "simd_json_min_bytes"),
     ("auth", "api_key"),
+    ("auth", "read_api_keys"),
+    ("auth", "admin_api_key"),
+    ("auth", "admin_api_key_sha256"),
+    ("auth", "tenants_file"),
     ("database", "path"),
     ("database", "synchronous"),
     ("database", "cache_size"),
@@ -408,6 +433,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("database", "wal_autocheckpoint"),
     ("database", "journal_size_limit"),
     ("database", "read_connections"),
+    ("database", "tenants_dir"),
     ("index", "path"),
     ("index", "map_size"),
     ("log", "level"),
@@ -421,6 +447,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("sse", "retry_ms"),
     ("sse", "catch_up_batch_events"),
     ("storage", "retain_events"),
+    ("storage", "max_database_bytes"),
 ];
 
 /// ebuse's environment names and the key each one sets.
@@ -484,6 +511,19 @@ fn set_raw(raw: &mut RawConfig, section: &str, key: &str, v: String) -> Result<(
         ("api", "batch_events_max") => raw.api.batch_events_max = Some(int(&v)?),
         ("api", "simd_json_min_bytes") => raw.api.simd_json_min_bytes = Some(int(&v)?),
         ("auth", "api_key") => raw.auth.api_key = Some(v),
+        ("auth", "read_api_keys") => {
+            raw.auth.read_api_keys = Some(
+                v.split(',')
+                    .map(|k| k.trim().to_string())
+                    .filter(|k| !k.is_empty())
+                    .collect(),
+            )
+        }
+        ("auth", "admin_api_key") => raw.auth.admin_api_key = Some(v),
+        ("auth", "admin_api_key_sha256") => raw.auth.admin_api_key_sha256 = Some(v),
+        ("auth", "tenants_file") => raw.auth.tenants_file = Some(v),
+        ("database", "tenants_dir") => raw.database.tenants_dir = Some(v),
+        ("storage", "max_database_bytes") => raw.storage.max_database_bytes = Some(int(&v)?),
         ("database", "path") => raw.database.path = Some(v),
         ("database", "synchronous") => raw.database.synchronous = Some(v),
         ("database", "cache_size") => raw.database.cache_size = Some(int(&v)?),
@@ -738,15 +778,33 @@ impl Config {
                 ),
             ));
         }
+        let nonempty = |v: Option<String>| v.filter(|k| !k.trim().is_empty());
         let auth = AuthConfig {
-            api_key: raw.auth.api_key.filter(|k| !k.is_empty()),
+            api_key: nonempty(raw.auth.api_key),
+            read_api_keys: raw.auth.read_api_keys.unwrap_or_default(),
+            admin_api_key: nonempty(raw.auth.admin_api_key),
+            admin_api_key_sha256: nonempty(raw.auth.admin_api_key_sha256),
+            tenants_file: nonempty(raw.auth.tenants_file).map(PathBuf::from),
         };
-        if let Some(k) = &auth.api_key {
-            if k.len() < 8 {
-                return Err(err("auth.api_key", "shorter than 8 characters"));
+        for k in auth
+            .api_key
+            .iter()
+            .chain(&auth.read_api_keys)
+            .chain(&auth.admin_api_key)
+        {
+            if k.len() < crate::limits::API_KEY_BYTES_MIN {
+                return Err(err(
+                    "auth.api_key",
+                    format!(
+                        "a key is shorter than {} characters",
+                        crate::limits::API_KEY_BYTES_MIN
+                    ),
+                ));
             }
         }
-        if auth.api_key.is_none() && !listen.ip().is_loopback() {
+        // Tenants carry their own keys: multi-tenant mode is never open.
+        let multi = auth.tenants_file.is_some() || !raw.tenants.is_empty();
+        if auth.api_key.is_none() && !multi && !listen.ip().is_loopback() {
             return Err(err(
                 "auth.api_key",
                 format!("no API key is set, so shardcast only listens on loopback; set API_KEY (or auth.api_key) to listen on {listen}"),
@@ -801,6 +859,16 @@ impl Config {
                 256,
             )? as usize,
             path,
+            max_database_bytes: match range(
+                need(raw.storage.max_database_bytes, "storage.max_database_bytes")?,
+                "storage.max_database_bytes",
+                0,
+                i64::MAX,
+            )? {
+                0 => None,
+                b => Some(b as u64),
+            },
+            tenants_dir: PathBuf::from(need(d.tenants_dir, "database.tenants_dir")?),
         };
         let i = raw.index;
         let index_path = match i.path.filter(|p| !p.is_empty()) {
@@ -923,6 +991,7 @@ impl Config {
             log,
             sse,
             storage,
+            tenants: raw.tenants,
         })
     }
 }
@@ -963,7 +1032,18 @@ impl RawConfig {
             retry_after_secs
         );
         pick!(out.api, other.api, batch_events_max, simd_json_min_bytes);
-        pick!(out.auth, other.auth, api_key);
+        pick!(
+            out.auth,
+            other.auth,
+            api_key,
+            read_api_keys,
+            admin_api_key,
+            admin_api_key_sha256,
+            tenants_file
+        );
+        if !other.tenants.is_empty() {
+            out.tenants = other.tenants;
+        }
         pick!(
             out.database,
             other.database,
@@ -974,9 +1054,15 @@ impl RawConfig {
             busy_timeout,
             wal_autocheckpoint,
             journal_size_limit,
-            read_connections
+            read_connections,
+            tenants_dir
         );
-        pick!(out.storage, other.storage, retain_events);
+        pick!(
+            out.storage,
+            other.storage,
+            retain_events,
+            max_database_bytes
+        );
         pick!(
             out.sse,
             other.sse,

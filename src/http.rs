@@ -541,7 +541,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
             }
             continue;
         }
-        let route = match route::resolve(&shard, &head, path, pending) {
+        let (route, tenant) = match route::resolve(&shard, &head, path, pending) {
             Ok(r) => r,
             Err(e) => {
                 // A body we will not read cannot be skipped safely unless it is here already.
@@ -569,8 +569,11 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 return;
             }
             let is_head = head.method == Method::Head;
+            let Some(tenant) = tenant.as_deref() else {
+                return;
+            };
             match crate::replay::serve(
-                &shard,
+                tenant,
                 &mut stream,
                 &query,
                 keep_alive,
@@ -605,7 +608,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                     // A task of its own: this request's state (buffers, the
                     // request future) is freed now, not held for the
                     // subscription's lifetime.
-                    let fut = crate::sse::serve(shard.clone(), stream, sub);
+                    let Some(tenant) = tenant else {
+                        return;
+                    };
+                    let fut = crate::sse::serve(shard.clone(), tenant, stream, sub);
                     tracing::trace!(
                         bytes = std::mem::size_of_val(&fut),
                         stream = std::mem::size_of::<TcpStream>(),
@@ -662,7 +668,16 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
 
         // 4. Answer.
         let req = &rb.buf[rb.start..rb.start + head.head_len + body_len];
-        let close = route::handle(&shard, route, &head, req, &mut out, keep_alive).await;
+        let close = route::handle(
+            &shard,
+            tenant.as_deref(),
+            route,
+            &head,
+            req,
+            &mut out,
+            keep_alive,
+        )
+        .await;
         add_cors(&mut out, answer_start, cors.as_deref());
         rb.consume(head.head_len + body_len);
         if close || !keep_alive {

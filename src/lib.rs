@@ -47,4 +47,5 @@ pub mod server;
 pub mod shard;
 pub mod sse;
 pub mod storage;
+pub mod tenant;
 pub mod writer;

@@ -20,3 +20,5 @@ pub const INDEX_REBUILD_ROWS_PER_TXN: usize = 100_000;
 /// Most old events one group commit deletes under `storage.retain_events`:
 /// pruning rides along with commits in bounded slices instead of stalling one.
 pub const PRUNE_ROWS_PER_COMMIT: u64 = 1000;
+/// Shortest API key accepted (any kind: tenant, read-only, admin).
+pub const API_KEY_BYTES_MIN: usize = 8;

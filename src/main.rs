@@ -25,8 +25,14 @@ enum Command {
     Serve {
         /// TOML config file; without it the embedded default is used
         /// (127.0.0.1:8080, data in ./data). Environment variables override both.
+        /// (A `.yaml`/`.yml` file here is taken as `--tenants`, as ebuse's
+        /// `-config tenants.yaml`.)
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Multi-tenant mode: ebuse's tenants.yaml (data_dir, tenants: [{name,
+        /// api_key}]); reloaded on SIGHUP.
+        #[arg(long)]
+        tenants: Option<PathBuf>,
     },
     /// Load tools for measuring a running server (see docs/benchmarks.md).
     Bench {
@@ -111,17 +117,49 @@ fn install_panic_hook() {
     }));
 }
 
+/// The process environment, with the command line's `--tenants` on top.
+struct CliEnv {
+    tenants_file: Option<PathBuf>,
+}
+
+impl shardcast::config::Env for CliEnv {
+    fn get(&self, name: &str) -> Option<String> {
+        match (&self.tenants_file, name) {
+            (Some(t), "SHARDCAST_AUTH_TENANTS_FILE") => Some(t.display().to_string()),
+            _ => ProcessEnv.get(name),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     install_panic_hook();
-    let config_file = match cli.command {
-        None => None,
-        Some(Command::Serve { config }) => config,
+    let (config_file, tenants_file) = match cli.command {
+        None => (None, None),
+        Some(Command::Serve { config, tenants }) => {
+            let yaml = config.as_ref().is_some_and(|c| {
+                matches!(c.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+            });
+            if yaml {
+                (None, config)
+            } else {
+                (config, tenants)
+            }
+        }
         Some(Command::Bench {
             what: BenchCommand::Sse(a),
         }) => return bench_sse(a),
     };
-    let cfg = match Config::load(config_file.as_deref(), &ProcessEnv) {
+    // `--tenants` is `auth.tenants_file`, above the file and the environment.
+    let load = move || {
+        Config::load(
+            config_file.as_deref(),
+            &CliEnv {
+                tenants_file: tenants_file.clone(),
+            },
+        )
+    };
+    let cfg = match load() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("shardcast: {e}");
@@ -129,7 +167,8 @@ fn main() -> ExitCode {
         }
     };
     init_logs(&cfg);
-    match shardcast::server::run(cfg) {
+    let reload = Box::new(move || load().map_err(|e| e.to_string()));
+    match shardcast::server::run(cfg, reload) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("shardcast: {e}");

@@ -1,5 +1,6 @@
-//! The reader pool: `database.read_connections` threads, each owning one
-//! read-only SQLite connection, that serve reads off the shards' executors
+//! The reader pool: `database.read_connections` threads, each holding a
+//! read-only SQLite connection per tenant it has served, that serve reads
+//! off the shards' executors
 //! (an io_uring executor must never block on a disk read). Shards send a job
 //! over one shared flume queue and await the answer on a one-shot channel, so
 //! a long read delays nobody else on the shard.
@@ -11,17 +12,118 @@
 use crate::config::DatabaseConfig;
 use crate::event::Event;
 use crate::storage::Page;
+use crate::tenant::TenantId;
 use rusqlite::Connection;
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
-type Job = Box<dyn FnOnce(&Connection) + Send>;
+type Job = Box<dyn FnOnce(Result<&Connection, String>) + Send>;
 
-/// A handle shards clone; the threads stop when every handle is dropped.
+/// A tenant's read: which database, and what to do with a connection to it.
+struct Read {
+    tenant: TenantId,
+    database: Arc<DatabaseConfig>,
+    job: Job,
+}
+
+/// Connections a reader thread keeps open; past this (tenants removed and
+/// added over a long life) it closes them all and reopens on demand.
+const CONNECTIONS_PER_THREAD_MAX: usize = 256;
+
+/// A handle shards clone, bound to one tenant's database; the threads stop
+/// when every handle is dropped.
 #[derive(Clone)]
 pub struct Readers {
-    jobs: flume::Sender<Job>,
+    jobs: flume::Sender<Read>,
     /// Pool threads: how many parts a large page may be read in at once.
     threads: usize,
+    tenant: TenantId,
+    database: Arc<DatabaseConfig>,
+}
+
+/// The pool, without a tenant: makes `Readers` for one.
+#[derive(Clone)]
+pub struct ReaderHandle {
+    jobs: flume::Sender<Read>,
+    count: usize,
+}
+
+impl ReaderHandle {
+    /// A handle for one tenant's reads.
+    pub fn readers(&self, tenant: TenantId, database: Arc<DatabaseConfig>) -> Readers {
+        Readers {
+            jobs: self.jobs.clone(),
+            threads: self.count,
+            tenant,
+            database,
+        }
+    }
+}
+
+pub struct ReaderPool {
+    jobs: flume::Sender<Read>,
+    count: usize,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl ReaderPool {
+    /// Start `count` reader threads. Each opens a read-only connection to a
+    /// tenant's database the first time it serves that tenant, and keeps it.
+    pub fn start(count: usize) -> std::io::Result<ReaderPool> {
+        // Unbounded: jobs in flight are bounded by their callers, each
+        // awaiting its answer before it sends another.
+        let (jobs, rx) = flume::unbounded::<Read>();
+        let mut threads = Vec::new();
+        for i in 0..count {
+            let rx = rx.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("shardcast-read-{i}"))
+                .spawn(move || {
+                    let mut conns: HashMap<TenantId, Connection> = HashMap::new();
+                    while let Ok(read) = rx.recv() {
+                        if !conns.contains_key(&read.tenant) {
+                            if conns.len() >= CONNECTIONS_PER_THREAD_MAX {
+                                conns.clear();
+                            }
+                            match crate::storage::open_reader(&read.database) {
+                                Ok(c) => {
+                                    conns.insert(read.tenant, c);
+                                }
+                                Err(e) => {
+                                    (read.job)(Err(format!("cannot open a read connection: {e}")));
+                                    continue;
+                                }
+                            }
+                        }
+                        (read.job)(Ok(&conns[&read.tenant]));
+                    }
+                })?;
+            threads.push(t);
+        }
+        Ok(ReaderPool {
+            jobs,
+            count,
+            threads,
+        })
+    }
+
+    /// What shards make tenants' read handles from.
+    pub fn handle(&self) -> ReaderHandle {
+        ReaderHandle {
+            jobs: self.jobs.clone(),
+            count: self.count,
+        }
+    }
+
+    /// Wait for the threads once every `Readers` clone is gone.
+    pub fn join(self) {
+        let ReaderPool { jobs, threads, .. } = self;
+        drop(jobs);
+        for t in threads {
+            let _ = t.join();
+        }
+    }
 }
 
 /// A read's answer body: JSON arrays (the parts of a page read in parallel)
@@ -77,55 +179,6 @@ impl Answer {
 /// this the hand-off and the join cost more than the scan they split.
 pub const PAGE_SPLIT_MIN_EVENTS: usize = 2_000;
 
-pub struct ReaderPool {
-    pub readers: Readers,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl ReaderPool {
-    /// Open `cfg.read_connections` read-only connections, a thread each.
-    pub fn start(cfg: &DatabaseConfig) -> rusqlite::Result<ReaderPool> {
-        // Unbounded: jobs in flight are bounded by their callers, each
-        // awaiting its answer before it sends another.
-        let (jobs, rx) = flume::unbounded::<Job>();
-        let mut threads = Vec::new();
-        for i in 0..cfg.read_connections {
-            let conn = crate::storage::open_reader(cfg)?;
-            let rx = rx.clone();
-            let t = std::thread::Builder::new()
-                .name(format!("shardcast-read-{i}"))
-                .spawn(move || {
-                    while let Ok(job) = rx.recv() {
-                        job(&conn);
-                    }
-                })
-                .map_err(|e| {
-                    rusqlite::Error::SqliteFailure(
-                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
-                        Some(format!("cannot spawn reader thread: {e}")),
-                    )
-                })?;
-            threads.push(t);
-        }
-        Ok(ReaderPool {
-            readers: Readers {
-                jobs,
-                threads: cfg.read_connections,
-            },
-            threads,
-        })
-    }
-
-    /// Wait for the threads once every `Readers` clone is gone.
-    pub fn join(self) {
-        let ReaderPool { readers, threads } = self;
-        drop(readers);
-        for t in threads {
-            let _ = t.join();
-        }
-    }
-}
-
 /// Gzip `body` when `min` allows it and it is at least that large; says
 /// whether it did. Runs on a reader thread, never on a shard.
 pub fn gzip_if(body: Vec<u8>, min: Option<usize>, level: u32) -> (Vec<u8>, bool) {
@@ -156,9 +209,13 @@ impl Readers {
     ) -> Result<T, String> {
         let (reply, answer) = flume::bounded(1);
         self.jobs
-            .send_async(Box::new(move |conn: &Connection| {
-                let _ = reply.send(read(conn).map_err(|e| e.to_string()));
-            }))
+            .send_async(Read {
+                tenant: self.tenant,
+                database: self.database.clone(),
+                job: Box::new(move |conn: Result<&Connection, String>| {
+                    let _ = reply.send(conn.and_then(|c| read(c).map_err(|e| e.to_string())));
+                }),
+            })
             .await
             .map_err(|_| "the reader pool has stopped".to_string())?;
         answer

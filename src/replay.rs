@@ -9,7 +9,7 @@
 //! `from` = the last position + 1 (or subscribes over SSE).
 
 use crate::http::ApiError;
-use crate::shard::Shard;
+use crate::shard::Tenant;
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 
@@ -21,7 +21,7 @@ const BATCH_EVENTS_MAX: usize = 5000;
 /// Serve one replay. Ok(true): the answer is complete and the connection may
 /// serve another request; Ok(false): the answer was an error, already written.
 pub async fn serve(
-    shard: &Shard,
+    tenant: &Tenant,
     stream: &mut TcpStream,
     query: &str,
     keep_alive: bool,
@@ -38,7 +38,7 @@ pub async fn serve(
             return Ok(true);
         }
     };
-    let head = shard.index.head().unwrap_or(0);
+    let head = tenant.index.head().unwrap_or(0);
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(
         b"HTTP/1.1 200 OK\r\nServer: shardcast\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n",
@@ -65,7 +65,7 @@ pub async fn serve(
         }
         let crate::storage::Page {
             json: page, last, ..
-        } = match shard
+        } = match tenant
             .readers
             .range_json(from, head, params.event_type.clone(), params.batch)
             .await
@@ -74,7 +74,7 @@ pub async fn serve(
             Err(e) => {
                 // The status line is gone: end the body unfinished, so the
                 // client sees a truncated array rather than a short one.
-                tracing::warn!(shard = shard.id, error = %e, "replay read failed; closing");
+                tracing::warn!(tenant = %tenant.info.name, error = %e, "replay read failed; closing");
                 return Ok(false);
             }
         };

@@ -6,7 +6,8 @@
 use crate::event::{self, encode_event, Parser};
 use crate::http::{write_response, ApiError, ContentType, Method, RequestHead, JSON};
 use crate::reader::Answer;
-use crate::shard::{Shard, Submit};
+use crate::shard::{Caller, Shard, Submit, Tenant};
+use crate::tenant::Access;
 use crate::writer::{AppendKind, Outcome};
 use std::rc::Rc;
 
@@ -28,9 +29,20 @@ pub enum Route {
     ConsumerGet,
     /// `POST|PUT /subscriptions/{id}/position`
     ConsumerSet,
+    /// `GET /tenants`: the admin key only.
+    Tenants,
 }
 
 impl Route {
+    /// What the caller's key must allow.
+    fn needs(self) -> Access {
+        match self {
+            Route::AppendOne | Route::AppendBatch | Route::ConsumerSet => Access::WRITE,
+            Route::Tenants => Access::ADMIN,
+            _ => Access::READ,
+        }
+    }
+
     fn needs_body(self) -> bool {
         matches!(
             self,
@@ -73,7 +85,9 @@ pub fn presented_key(
     query: &str,
     buf: &[u8],
 ) -> Option<Vec<u8>> {
-    shard.cfg.auth.api_key.as_ref()?;
+    if !shard.auth_required() {
+        return None;
+    }
     match &head.api_key {
         Some(r) => Some(buf[r.clone()].to_vec()),
         None => {
@@ -91,6 +105,7 @@ pub fn is_endpoint(path: &str) -> bool {
     matches!(
         path,
         "/health"
+            | "/tenants"
             | "/position"
             | "/events"
             | "/events/batch"
@@ -125,13 +140,14 @@ pub fn consumer_id(path: &str) -> Option<String> {
     (!id.is_empty() && id.len() <= CONSUMER_ID_BYTES_MAX).then_some(id)
 }
 
-/// Decide the route and check everything that can be checked from the head.
+/// Decide the route and the caller's tenant, and check everything that can
+/// be checked from the head.
 pub fn resolve(
     shard: &Shard,
     head: &RequestHead,
     path: &str,
     buf: &[u8],
-) -> Result<Route, ApiError> {
+) -> Result<(Route, Option<Rc<Tenant>>), ApiError> {
     let m = head.method;
     let get = |r| match m {
         Method::Get | Method::Head => Ok(r),
@@ -143,6 +159,7 @@ pub fn resolve(
     };
     let route = match path {
         "/health" => get(Route::Health)?,
+        "/tenants" => get(Route::Tenants)?,
         "/position" => get(Route::Position)?,
         "/events" => match m {
             Method::Post => Route::AppendOne,
@@ -169,11 +186,43 @@ pub fn resolve(
             ))
         }
     };
-    if route != Route::Health {
-        if let Some(key) = &shard.cfg.auth.api_key {
-            let query = std::str::from_utf8(&buf[head.query.clone()]).unwrap_or("");
-            let given = presented_key(shard, head, query, buf).unwrap_or_default();
-            if !key_matches(key.as_bytes(), &given) {
+    let tenant = if route == Route::Health {
+        None
+    } else {
+        let query = std::str::from_utf8(&buf[head.query.clone()]).unwrap_or("");
+        let given = presented_key(shard, head, query, buf).unwrap_or_default();
+        let forbidden = |msg: &str| ApiError::new(403, "forbidden", msg);
+        match shard.caller(&given) {
+            Caller::Tenant(_, _) if route == Route::Tenants => {
+                // Unlike ebuse: a tenant's key never learns other tenants' names.
+                return Err(forbidden("listing tenants takes the admin key"));
+            }
+            Caller::Tenant(t, access) => {
+                if !access.allows(route.needs()) {
+                    return Err(forbidden(if route.needs() == Access::WRITE {
+                        "this key may only read: appends and consumer positions need a key with the write role"
+                    } else {
+                        "this key may only write: reading needs a key with the read role"
+                    }));
+                }
+                Some(t)
+            }
+            Caller::Admin if route == Route::Tenants => None,
+            Caller::Admin => {
+                return Err(forbidden(
+                    "the admin key holds no tenant's events: use a tenant's key",
+                ))
+            }
+            Caller::Unavailable(why) => {
+                let mut e = ApiError::new(
+                    503,
+                    "tenant_unavailable",
+                    format!("this tenant's storage is unavailable: {why}"),
+                );
+                e.retry_after_secs = Some(shard.cfg.writer.retry_after_secs.max(5));
+                return Err(e);
+            }
+            Caller::Unknown => {
                 let msg = if given.is_empty() {
                     "missing API key: send X-API-Key or Authorization: Bearer"
                 } else {
@@ -182,7 +231,7 @@ pub fn resolve(
                 return Err(ApiError::new(401, "unauthorized", msg));
             }
         }
-    }
+    };
     if route.needs_body() {
         let max = shard.cfg.server.max_body_bytes;
         match head.content_length {
@@ -219,12 +268,13 @@ pub fn resolve(
         )
         .closing());
     }
-    Ok(route)
+    Ok((route, tenant))
 }
 
 /// Answer one request into `out`. Returns true when the connection must close.
 pub async fn handle(
     shard: &Rc<Shard>,
+    tenant: Option<&Tenant>,
     route: Route,
     head: &RequestHead,
     req: &[u8],
@@ -233,21 +283,33 @@ pub async fn handle(
 ) -> bool {
     let body = &req[head.head_len..];
     let is_head = head.method == Method::Head;
-    let result = match route {
-        Route::Health => {
+    let result = match (route, tenant) {
+        (Route::Health, _) => {
             json_ok(out, br#"{"status":"healthy"}"#, keep_alive, is_head);
             Ok(())
         }
-        Route::Position => position(shard, out, keep_alive, is_head),
-        Route::Load => load(shard, head, req, out, keep_alive, is_head).await,
-        Route::StreamRead => stream_read(shard, head, req, out, keep_alive, is_head).await,
-        Route::ConsumerGet => consumer_get(shard, head, req, out, keep_alive, is_head),
-        Route::ConsumerSet => consumer_set(shard, head, req, body, out, keep_alive).await,
-        Route::AppendOne | Route::AppendBatch => append(shard, route, body, out, keep_alive).await,
-        Route::Subscribe | Route::Stream => Err(ApiError::new(
+        (Route::Tenants, _) => tenants(shard, out, keep_alive, is_head),
+        (Route::Position, Some(t)) => position(t, out, keep_alive, is_head),
+        (Route::Load, Some(t)) => load(shard, t, head, req, out, keep_alive, is_head).await,
+        (Route::StreamRead, Some(t)) => {
+            stream_read(shard, t, head, req, out, keep_alive, is_head).await
+        }
+        (Route::ConsumerGet, Some(t)) => consumer_get(t, head, req, out, keep_alive, is_head),
+        (Route::ConsumerSet, Some(t)) => {
+            consumer_set(shard, t, head, req, body, out, keep_alive).await
+        }
+        (Route::AppendOne | Route::AppendBatch, Some(t)) => {
+            append(shard, t, route, body, out, keep_alive).await
+        }
+        (Route::Subscribe | Route::Stream, _) => Err(ApiError::new(
             500,
             "internal",
             "subscriptions and replays write their own answers",
+        )),
+        (_, None) => Err(ApiError::new(
+            500,
+            "internal",
+            "a tenant endpoint reached without a tenant",
         )),
     };
     match result {
@@ -269,13 +331,32 @@ fn json_ok(out: &mut Vec<u8>, body: &[u8], keep_alive: bool, is_head: bool) {
     }
 }
 
-fn position(
+/// `GET /tenants`, as ebuse answers it: `{"tenants": [...], "count": n}`.
+fn tenants(
     shard: &Shard,
     out: &mut Vec<u8>,
     keep_alive: bool,
     is_head: bool,
 ) -> Result<(), ApiError> {
-    let head = shard.index.head().map_err(|e| {
+    let names = shard.tenant_names().ok_or_else(|| {
+        ApiError::new(
+            404,
+            "not_found",
+            "single-tenant mode: there are no tenants to list",
+        )
+    })?;
+    let body = serde_json::json!({ "count": names.len(), "tenants": names }).to_string();
+    json_ok(out, body.as_bytes(), keep_alive, is_head);
+    Ok(())
+}
+
+fn position(
+    tenant: &Tenant,
+    out: &mut Vec<u8>,
+    keep_alive: bool,
+    is_head: bool,
+) -> Result<(), ApiError> {
+    let head = tenant.index.head().map_err(|e| {
         ApiError::new(
             503,
             "index_unavailable",
@@ -292,6 +373,7 @@ fn position(
 
 async fn append(
     shard: &Rc<Shard>,
+    tenant: &Tenant,
     route: Route,
     body: &[u8],
     out: &mut Vec<u8>,
@@ -312,7 +394,11 @@ async fn append(
         }
     };
     let events = parsed.map_err(bad_request)?;
-    let outcome = committed(shard, shard.writer.submit(kind, events, body.len())).await?;
+    let outcome = committed(
+        shard,
+        shard.writer.submit(tenant.id(), kind, events, body.len()),
+    )
+    .await?;
     match outcome {
         Outcome::One { event, duplicate } => {
             let mut b = Vec::with_capacity(128 + event.new.data.len());
@@ -355,9 +441,9 @@ async fn append(
             "internal",
             "a position answer to an append",
         )),
-        Outcome::Failed { message } => Err(retry_later(
+        Outcome::Failed { message, full } => Err(storage_failed(
             shard,
-            "storage_unavailable",
+            full,
             format!("events were not stored: {message}"),
         )),
     }
@@ -415,6 +501,7 @@ const LOAD_EVENTS_MAX: usize = 10_000;
 /// `from` and `to` are inclusive positions.
 async fn load(
     shard: &Rc<Shard>,
+    tenant: &Tenant,
     head: &RequestHead,
     req: &[u8],
     out: &mut Vec<u8>,
@@ -434,8 +521,8 @@ async fn load(
     // Encoded (and gzipped) on the reader threads: the shard only copies it
     // out. The committed head lets a large page be read in parallel parts;
     // without it (index unreadable) the page is read in one piece.
-    let committed = shard.index.head().unwrap_or(0);
-    let body = shard
+    let committed = tenant.index.head().unwrap_or(0);
+    let body = tenant
         .readers
         .page_json(
             from,
@@ -494,6 +581,7 @@ fn read_failed(shard: &Shard, e: String) -> ApiError {
 /// `GET /streams/{stream}`: one stream's events in version order.
 async fn stream_read(
     shard: &Rc<Shard>,
+    tenant: &Tenant,
     head: &RequestHead,
     req: &[u8],
     out: &mut Vec<u8>,
@@ -506,7 +594,7 @@ async fn stream_read(
     let limit = q.count("limit", LOAD_EVENTS_MAX, LOAD_EVENTS_MAX)?;
     // Which positions: the LMDB index (no await while its read txn is open);
     // the events themselves: SQLite, on the reader pool.
-    let positions = shard
+    let positions = tenant
         .index
         .stream_positions(&stream, from_version, limit)
         .map_err(|e| {
@@ -516,7 +604,7 @@ async fn stream_read(
                 format!("cannot read the index: {e}"),
             )
         })?;
-    let (body, gz) = shard
+    let (body, gz) = tenant
         .readers
         .at_json(
             positions,
@@ -530,7 +618,7 @@ async fn stream_read(
 }
 
 fn consumer_get(
-    shard: &Shard,
+    tenant: &Tenant,
     head: &RequestHead,
     req: &[u8],
     out: &mut Vec<u8>,
@@ -538,7 +626,7 @@ fn consumer_get(
     is_head: bool,
 ) -> Result<(), ApiError> {
     let id = consumer_id(path_of(head, req)).unwrap_or_default();
-    let p = shard.index.consumer_position(&id).map_err(|e| {
+    let p = tenant.index.consumer_position(&id).map_err(|e| {
         ApiError::new(
             503,
             "index_unavailable",
@@ -553,6 +641,7 @@ fn consumer_get(
 /// `POST|PUT /subscriptions/{id}/position` `{"position": N}` → 204 once stored.
 async fn consumer_set(
     shard: &Rc<Shard>,
+    tenant: &Tenant,
     head: &RequestHead,
     req: &[u8],
     body: &[u8],
@@ -578,7 +667,14 @@ async fn consumer_set(
             "a position ≥ 0",
         ));
     }
-    match committed(shard, shard.writer.submit_consumer(id, b.position as u64)).await? {
+    match committed(
+        shard,
+        shard
+            .writer
+            .submit_consumer(tenant.id(), id, b.position as u64),
+    )
+    .await?
+    {
         Outcome::PositionSaved => {
             write_response(out, 204, JSON, &[], b"", keep_alive);
             Ok(())
@@ -588,9 +684,9 @@ async fn consumer_set(
             "position_beyond_head",
             format!("position {} is beyond the newest event, {head}", b.position),
         )),
-        Outcome::Failed { message } => Err(retry_later(
+        Outcome::Failed { message, full } => Err(storage_failed(
             shard,
-            "storage_unavailable",
+            full,
             format!("position was not stored: {message}"),
         )),
         other => Err(ApiError::new(
@@ -602,6 +698,16 @@ async fn consumer_set(
 }
 
 /// A 503 the client should retry after `writer.retry_after_secs`.
+/// Storage refused a write: 507 when it is full (nothing to retry until an
+/// operator makes room), else 503 with a delay.
+fn storage_failed(shard: &Shard, full: bool, message: String) -> ApiError {
+    if full {
+        ApiError::new(507, "insufficient_storage", message)
+    } else {
+        retry_later(shard, "storage_unavailable", message)
+    }
+}
+
 fn retry_later(shard: &Shard, code: &'static str, message: String) -> ApiError {
     let mut e = ApiError::new(503, code, message);
     e.retry_after_secs = Some(shard.cfg.writer.retry_after_secs);

@@ -4,10 +4,11 @@
 //! requests → writer commits what it holds → exit 0).
 
 use crate::config::Config;
-use crate::index::{Index, Recovery};
 use crate::shard::{Control, ShardParts};
-use crate::writer::Writer;
+use crate::tenant::{Tenancy, TenantId, TenantInfo, TenantSet, TenantSpec};
+use crate::writer::{Store, Writer, WriterControl};
 use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -54,8 +55,12 @@ pub fn raise_nofile() -> u64 {
     }
 }
 
+/// Reads the configuration again (files and environment) for a reload.
+pub type LoadConfig = Box<dyn Fn() -> Result<Config, String> + Send>;
+
 /// Run the server until a shutdown signal; returns once everything stopped.
-pub fn run(cfg: Config) -> Result<(), StartError> {
+/// `reload` is called on SIGHUP: tenants and keys change, the rest needs a restart.
+pub fn run(cfg: Config, reload: LoadConfig) -> Result<(), StartError> {
     let cfg = Arc::new(cfg);
     // Every connection is a descriptor; 10,000 subscribers need more than the
     // usual soft limit of 1,024. The hard limit is the administrator's word.
@@ -68,38 +73,37 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             "RLIMIT_NOFILE is below the connection caps: raise LimitNOFILE"
         );
     }
-    if cfg.auth.api_key.is_none() {
+    if cfg.auth.api_key.is_none() && cfg.auth.tenants_file.is_none() && cfg.tenants.is_empty() {
         tracing::warn!(listen = %cfg.server.listen, "no API key configured: every request is accepted; listening on loopback only");
     }
 
     // Storage first: an error here should stop the start before any socket opens.
-    let _db_lock = crate::storage::lock_database(&cfg.database)
-        .map_err(|e| start_err("cannot lock database", e))?;
-    let conn = crate::storage::open_writer(&cfg.database).map_err(|e| {
-        start_err(
-            &format!("cannot open database {}", cfg.database.path.display()),
-            e,
-        )
-    })?;
-    let (index, recovery) = Index::open_checked(&cfg.index, &conn).map_err(|e| {
-        start_err(
-            &format!("cannot open index {}", cfg.index.path.display()),
-            e,
-        )
-    })?;
-    match &recovery {
-        Recovery::InStep => tracing::info!("index in step with SQLite"),
-        Recovery::CaughtUp { from, to } => tracing::info!(from, to, "index caught up from SQLite"),
-        Recovery::Rebuilt { reason, events } => {
-            tracing::warn!(%reason, events, "index rebuilt from SQLite")
+    let tenancy = Tenancy::from_config(&cfg).map_err(|e| start_err("bad tenants", e))?;
+    let mut registry = Registry::default();
+    let mut stores = HashMap::new();
+    for spec in &tenancy.tenants {
+        let id = registry.next_id();
+        match Store::open(&spec.name, &spec.database, &spec.index, &cfg) {
+            Ok((store, index)) => {
+                stores.insert(id, store);
+                registry.add(id, spec, Some(index), None);
+            }
+            // One tenant's broken storage must not keep the others down.
+            Err(e) if tenancy.multi => {
+                tracing::error!(tenant = %spec.name, error = %e, "tenant unavailable");
+                registry.add(id, spec, None, Some(e));
+            }
+            Err(e) => return Err(StartError(e)),
         }
     }
+    let set = registry.set(&tenancy);
 
     let shards = cfg.server.shards;
     let (addr, fds) = crate::accept::bind_listeners(cfg.server.listen, shards, cfg.server.backlog)
         .map_err(|e| start_err(&format!("cannot listen on {}", cfg.server.listen), e))?;
 
     let (to_writer, writer_rx) = flume::bounded(shards * 64);
+    let (writer_control, writer_control_rx) = flume::unbounded();
     let mut reply_txs = Vec::new();
     let mut reply_rxs = Vec::new();
     let mut control_txs = Vec::new();
@@ -108,26 +112,14 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         let (t, r) = flume::unbounded();
         reply_txs.push(t);
         reply_rxs.push(r);
-        let (t, r) = flume::bounded(1);
+        let (t, r) = flume::bounded(8);
         control_txs.push(t);
         control_rxs.push(r);
     }
 
-    let start_head =
-        crate::storage::head(&conn).map_err(|e| start_err("cannot read the database head", e))?;
-    let reader_pool = crate::reader::ReaderPool::start(&cfg.database)
-        .map_err(|e| start_err("cannot open read connections", e))?;
-    let checkpointer = crate::checkpoint::Checkpointer::spawn(&cfg.database)
-        .map_err(|e| start_err("cannot start the checkpoint thread", e))?;
-    let writer = Writer::new(
-        conn,
-        index.clone(),
-        writer_rx,
-        reply_txs,
-        &cfg,
-        &checkpointer,
-    )
-    .map_err(|e| start_err("cannot start writer", e))?;
+    let reader_pool = crate::reader::ReaderPool::start(cfg.database.read_connections)
+        .map_err(|e| start_err("cannot start the reader threads", e))?;
+    let writer = Writer::new(stores, writer_rx, writer_control_rx, reply_txs, &cfg);
     let writer_cpu = cfg.writer.cpu;
     let writer_thread = std::thread::Builder::new()
         .name("shardcast-writer".into())
@@ -150,13 +142,12 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         let parts = ShardParts {
             id,
             cfg: cfg.clone(),
-            index: index.clone(),
             listener_fd: fd,
             to_writer: to_writer.clone(),
             from_writer,
             control,
-            start_head,
-            readers: reader_pool.readers.clone(),
+            tenants: set.clone(),
+            readers: reader_pool.handle(),
         };
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{id}"))
@@ -170,8 +161,15 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     drop(to_writer);
 
     // Handlers first: once we announce, a SIGTERM must drain, not kill.
-    spawn_signal_thread(control_txs, cfg.server.shutdown_timeout)?;
-    announce(addr, &cfg);
+    let reloader = Reloader {
+        load: reload,
+        registry,
+        tenancy,
+        writer: writer_control,
+        shards: control_txs.clone(),
+    };
+    spawn_signal_thread(control_txs, cfg.server.shutdown_timeout, reloader)?;
+    announce(addr, &cfg, &set);
 
     for (id, h) in handles.into_iter().enumerate() {
         if let Err(e) = h.join() {
@@ -186,13 +184,12 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         ),
         Err(_) => return Err(StartError("writer thread panicked".into())),
     }
-    checkpointer.stop();
     reader_pool.join();
-    drop(index);
     Ok(())
 }
 
-fn announce(addr: SocketAddr, cfg: &Config) {
+fn announce(addr: SocketAddr, cfg: &Config, set: &TenantSet) {
+    let tenants: Vec<&str> = set.tenants.iter().map(|t| t.name.as_str()).collect();
     tracing::info!(
         %addr,
         shards = cfg.server.shards,
@@ -200,6 +197,8 @@ fn announce(addr: SocketAddr, cfg: &Config) {
         writer_cpu = ?cfg.writer.cpu,
         database = %cfg.database.path.display(),
         index = %cfg.index.path.display(),
+        multi_tenant = set.multi,
+        ?tenants,
         synchronous = cfg.database.synchronous.pragma(),
         "shardcast listening"
     );
@@ -210,19 +209,27 @@ fn announce(addr: SocketAddr, cfg: &Config) {
 }
 
 /// SIGTERM/SIGINT → tell every shard to drain; a second signal, or the
-/// shutdown timeout passing, ends the process at once.
+/// shutdown timeout passing, ends the process at once. SIGHUP → reload the
+/// tenants and keys.
 fn spawn_signal_thread(
     controls: Vec<flume::Sender<Control>>,
     timeout: std::time::Duration,
+    mut reloader: Reloader,
 ) -> Result<(), StartError> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| start_err("cannot install signal handlers", e))?;
     std::thread::Builder::new()
         .name("shardcast-signals".into())
         .spawn(move || {
             let mut first = None;
             for sig in signals.forever() {
+                if sig == SIGHUP {
+                    if first.is_none() {
+                        reloader.reload();
+                    }
+                    continue;
+                }
                 match first {
                     None => {
                         tracing::info!(
@@ -252,4 +259,153 @@ fn spawn_signal_thread(
         })
         .map_err(|e| start_err("cannot spawn signal thread", e))?;
     Ok(())
+}
+
+/// The tenants in force, by name, with the id each keeps for the life of
+/// the process.
+#[derive(Default)]
+struct Registry {
+    infos: Vec<Arc<TenantInfo>>,
+    last_id: TenantId,
+}
+
+impl Registry {
+    fn next_id(&mut self) -> TenantId {
+        self.last_id += 1;
+        self.last_id
+    }
+
+    fn add(
+        &mut self,
+        id: TenantId,
+        spec: &TenantSpec,
+        index: Option<crate::index::Index>,
+        unavailable: Option<String>,
+    ) {
+        self.infos.push(Arc::new(TenantInfo {
+            id,
+            name: spec.name.clone(),
+            database: Arc::new(spec.database.clone()),
+            index,
+            unavailable,
+        }));
+    }
+
+    /// The set for `tenancy`, whose tenants must all be registered, in order.
+    fn set(&self, tenancy: &Tenancy) -> Arc<TenantSet> {
+        let infos = tenancy
+            .tenants
+            .iter()
+            .map(|spec| {
+                self.infos
+                    .iter()
+                    .find(|i| i.name == spec.name)
+                    .expect("every tenant is registered before the set is built")
+                    .clone()
+            })
+            .collect();
+        Arc::new(TenantSet::new(tenancy, infos))
+    }
+}
+
+/// SIGHUP: read the tenants again; open the new ones and hand them to the
+/// writer, then give every shard the new set (removed tenants' subscribers
+/// are closed there), then let the writer close the removed ones' storage.
+/// Tenants that stay keep their id, storage, rings and connections.
+struct Reloader {
+    load: LoadConfig,
+    registry: Registry,
+    tenancy: Tenancy,
+    writer: flume::Sender<WriterControl>,
+    shards: Vec<flume::Sender<Control>>,
+}
+
+impl Reloader {
+    fn reload(&mut self) {
+        let tenancy = match (self.load)().and_then(|c| {
+            let t = Tenancy::from_config(&c).map_err(|e| e.to_string())?;
+            Ok((c, t))
+        }) {
+            Ok((cfg, t)) if t.multi == self.tenancy.multi => (cfg, t),
+            Ok(_) => {
+                tracing::error!("reload refused: switching between single- and multi-tenant mode needs a restart");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused: the configuration does not load; keeping the tenants in force");
+                return;
+            }
+        };
+        let (cfg, tenancy) = tenancy;
+        let same = |a: &TenantInfo, b: &TenantSpec| {
+            a.name == b.name && *a.database.path == b.database.path
+        };
+        // New, and previously unavailable ones (their storage may be fixed now).
+        let mut removed: Vec<Arc<TenantInfo>> = Vec::new();
+        let mut kept = Vec::new();
+        for info in std::mem::take(&mut self.registry.infos) {
+            match tenancy.tenants.iter().find(|s| same(&info, s)) {
+                Some(_) if info.index.is_some() => kept.push(info),
+                _ => removed.push(info),
+            }
+        }
+        self.registry.infos = kept;
+        let mut added = Vec::new();
+        for spec in &tenancy.tenants {
+            if self.registry.infos.iter().any(|i| same(i, spec)) {
+                continue;
+            }
+            // A tenant whose storage failed before is closed before it is opened again.
+            if let Some(pos) = removed.iter().position(|i| same(i, spec)) {
+                let old = removed.remove(pos);
+                self.remove_from_writer(old.id);
+            }
+            let id = self.registry.next_id();
+            match Store::open(&spec.name, &spec.database, &spec.index, &cfg) {
+                Ok((store, index)) => {
+                    let (done, wait) = flume::bounded(1);
+                    if self
+                        .writer
+                        .send(WriterControl::Add {
+                            id,
+                            store: Box::new(store),
+                            done,
+                        })
+                        .is_err()
+                        || wait.recv().is_err()
+                    {
+                        tracing::error!("reload: the writer has stopped");
+                        return;
+                    }
+                    self.registry.add(id, spec, Some(index), None);
+                }
+                Err(e) => {
+                    tracing::error!(tenant = %spec.name, error = %e, "tenant unavailable");
+                    self.registry.add(id, spec, None, Some(e));
+                }
+            }
+            added.push(spec.name.clone());
+        }
+        let set = self.registry.set(&tenancy);
+        for c in &self.shards {
+            let _ = c.send(Control::Tenants(set.clone()));
+        }
+        for gone in &removed {
+            self.remove_from_writer(gone.id);
+        }
+        tracing::info!(
+            ?added,
+            removed = ?removed.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
+            tenants = set.tenants.len(),
+            "tenants reloaded"
+        );
+        self.tenancy = tenancy;
+    }
+
+    fn remove_from_writer(&self, id: TenantId) {
+        let (done, wait) = flume::bounded(1);
+        if self.writer.send(WriterControl::Remove { id, done }).is_ok() {
+            let _ = wait.recv();
+        }
+    }
 }

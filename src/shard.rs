@@ -7,6 +7,8 @@
 use crate::config::Config;
 use crate::event::Stamp;
 use crate::index::Index;
+use crate::reader::ReaderHandle;
+use crate::tenant::{Access, TenantId, TenantInfo, TenantSet, Who};
 use crate::writer::{AppendKind, AppendRequest, FromWriter, Outcome, ToWriter};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -22,16 +24,113 @@ use std::time::{Duration, Instant};
 pub struct Shard {
     pub id: usize,
     pub cfg: Arc<Config>,
-    pub index: Index,
     pub writer: WriterClient,
     pub stamp: RefCell<Stamp>,
     /// Set on SIGTERM/SIGINT: answer what is in flight, then close.
     pub draining: Cell<bool>,
     pub conns: Conns,
-    /// This shard's SSE ring and subscribers.
+    /// The tenants in force and this shard's state for each.
+    tenants: RefCell<ShardTenants>,
+    /// Where tenants' read handles come from.
+    reader_pool: ReaderHandle,
+}
+
+/// A tenant as one shard holds it: a handle on its index and reads, and
+/// this shard's SSE ring and subscribers for it.
+pub struct Tenant {
+    pub info: Arc<TenantInfo>,
+    pub index: Index,
     pub fanout: crate::sse::Fanout,
-    /// Reads off the executor (SSE catch-up).
+    /// Reads off the executor (SSE catch-up, pages, replays).
     pub readers: crate::reader::Readers,
+}
+
+impl Tenant {
+    pub fn id(&self) -> TenantId {
+        self.info.id
+    }
+}
+
+struct ShardTenants {
+    set: Arc<TenantSet>,
+    local: HashMap<TenantId, Rc<Tenant>>,
+}
+
+/// Who a request is, resolved on its shard.
+pub enum Caller {
+    Tenant(Rc<Tenant>, Access),
+    /// The tenant's keys are valid but its storage could not be opened.
+    Unavailable(String),
+    Admin,
+    Unknown,
+}
+
+impl Shard {
+    /// Resolve a presented API key (empty: none).
+    pub fn caller(&self, key: &[u8]) -> Caller {
+        let t = self.tenants.borrow();
+        match t.set.who(key) {
+            Who::Tenant(id, access) => match t.local.get(&id) {
+                Some(tenant) => Caller::Tenant(tenant.clone(), access),
+                None => Caller::Unavailable(
+                    t.set
+                        .get(id)
+                        .and_then(|i| i.unavailable.clone())
+                        .unwrap_or_else(|| "this tenant's storage is not open".into()),
+                ),
+            },
+            Who::Admin => Caller::Admin,
+            Who::Unknown => Caller::Unknown,
+        }
+    }
+
+    /// Whether requests must present a key at all.
+    pub fn auth_required(&self) -> bool {
+        !self.tenants.borrow().set.open
+    }
+
+    /// Tenant names, for `GET /tenants`; None in single-tenant mode.
+    pub fn tenant_names(&self) -> Option<Vec<String>> {
+        let t = self.tenants.borrow();
+        t.set
+            .multi
+            .then(|| t.set.tenants.iter().map(|i| i.name.clone()).collect())
+    }
+
+    /// Put a (new) tenant set in force: tenants kept keep their rings and
+    /// subscribers; new ones start at their head; removed ones have their
+    /// subscribers closed.
+    fn install(&self, set: Arc<TenantSet>) {
+        let mut t = self.tenants.borrow_mut();
+        let mut local = HashMap::new();
+        for info in &set.tenants {
+            let Some(index) = &info.index else { continue };
+            let tenant = match t.local.remove(&info.id) {
+                Some(kept) => kept,
+                None => Rc::new(Tenant {
+                    info: info.clone(),
+                    index: index.clone(),
+                    // Events committed before this head come from SQLite;
+                    // the writer's messages carry every one after it.
+                    fanout: crate::sse::Fanout::new(
+                        index.head().unwrap_or(0),
+                        self.cfg.sse.ring_events,
+                    ),
+                    readers: self.reader_pool.readers(info.id, info.database.clone()),
+                }),
+            };
+            local.insert(info.id, tenant);
+        }
+        for (_, gone) in t.local.drain() {
+            gone.fanout.close();
+        }
+        *t = ShardTenants { set, local };
+    }
+
+    /// Every tenant this shard holds (for the heartbeat).
+    pub fn each_tenant(&self) -> Vec<Rc<Tenant>> {
+        self.tenants.borrow().local.values().cloned().collect()
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -160,17 +259,19 @@ impl WriterClient {
     /// the memory the queue may hold.
     pub fn submit(
         &self,
+        tenant: TenantId,
         kind: AppendKind,
         events: Vec<crate::event::NewEvent>,
         bytes: usize,
     ) -> Submit {
-        self.submit_request(kind, events, None, bytes)
+        self.submit_request(tenant, kind, events, None, bytes)
     }
 
     /// Queue a consumer position for the writer to store.
-    pub fn submit_consumer(&self, id: String, position: u64) -> Submit {
+    pub fn submit_consumer(&self, tenant: TenantId, id: String, position: u64) -> Submit {
         let bytes = id.len() + 16;
         self.submit_request(
+            tenant,
             AppendKind::Consumer,
             Vec::new(),
             Some((id, position)),
@@ -180,6 +281,7 @@ impl WriterClient {
 
     fn submit_request(
         &self,
+        tenant: TenantId,
         kind: AppendKind,
         events: Vec<crate::event::NewEvent>,
         consumer: Option<(String, u64)>,
@@ -205,6 +307,7 @@ impl WriterClient {
         self.in_flight_bytes.set(self.in_flight_bytes.get() + bytes);
         self.queue.borrow_mut().push(AppendRequest {
             ticket: id,
+            tenant,
             kind,
             events,
             consumer,
@@ -280,6 +383,7 @@ impl WriterClient {
                     r.ticket,
                     Outcome::Failed {
                         message: "the writer has stopped".into(),
+                        full: false,
                     },
                 );
             }
@@ -295,22 +399,24 @@ impl WriterClient {
 // ---------------------------------------------------------------------------
 
 /// Messages from the process to a shard.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub enum Control {
-    Shutdown { deadline: Instant },
+    Shutdown {
+        deadline: Instant,
+    },
+    /// A reload: these tenants and keys from now on.
+    Tenants(Arc<TenantSet>),
 }
 
 pub struct ShardParts {
     pub id: usize,
     pub cfg: Arc<Config>,
-    pub index: Index,
     pub listener_fd: RawFd,
     pub to_writer: flume::Sender<ToWriter>,
     pub from_writer: flume::Receiver<FromWriter>,
     pub control: flume::Receiver<Control>,
-    /// The head when the writer started: the first fan-out message follows it.
-    pub start_head: u64,
-    pub readers: crate::reader::Readers,
+    pub tenants: Arc<TenantSet>,
+    pub readers: ReaderHandle,
 }
 
 /// The body of one shard's executor: accept and serve until told to stop,
@@ -320,36 +426,42 @@ pub async fn run(parts: ShardParts) {
     let ShardParts {
         id,
         cfg,
-        index,
         listener_fd,
         to_writer,
         from_writer,
         control,
-        start_head,
+        tenants,
         readers,
     } = parts;
     // SAFETY: the fd is a bound, listening TCP socket made for this shard alone.
     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener_fd) };
-    let fanout = crate::sse::Fanout::new(start_head, cfg.sse.ring_events);
     let shard = Rc::new(Shard {
         id,
         writer: WriterClient::new(id, to_writer, &cfg),
         cfg,
-        index,
         stamp: RefCell::new(Stamp::new(crate::ids::IdGen::new())),
         draining: Cell::new(false),
         conns: Conns::default(),
-        fanout,
-        readers,
+        tenants: RefCell::new(ShardTenants {
+            set: tenants.clone(),
+            local: HashMap::new(),
+        }),
+        reader_pool: readers,
     });
+    shard.install(tenants);
 
     let replies = {
         let shard = shard.clone();
         glommio::spawn_local(async move {
             while let Ok(msg) = from_writer.recv_async().await {
-                // Into the ring first: a client that reads its 200 and then
+                // Into the rings first: a client that reads its 200 and then
                 // subscribes from its position finds the event here.
-                shard.fanout.publish(&msg.events);
+                for p in msg.events.iter() {
+                    let tenant = shard.tenants.borrow().local.get(&p.tenant).cloned();
+                    if let Some(t) = tenant {
+                        t.fanout.publish(&p.events);
+                    }
+                }
                 for (ticket, outcome) in msg.replies {
                     shard.writer.answer(ticket, outcome);
                 }
@@ -367,9 +479,12 @@ pub async fn run(parts: ShardParts) {
     let heartbeat = glommio::spawn_local(crate::sse::heartbeat_loop(shard.clone()));
     tracing::debug!(shard = id, "shard started");
 
-    let deadline = match control.recv_async().await {
-        Ok(Control::Shutdown { deadline }) => deadline,
-        Err(_) => Instant::now() + shard.cfg.server.shutdown_timeout,
+    let deadline = loop {
+        match control.recv_async().await {
+            Ok(Control::Tenants(set)) => shard.install(set),
+            Ok(Control::Shutdown { deadline }) => break deadline,
+            Err(_) => break Instant::now() + shard.cfg.server.shutdown_timeout,
+        }
     };
     // Stop accepting: dropping the task drops the listener and closes its socket.
     let _ = acceptor.cancel().await;

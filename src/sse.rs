@@ -15,7 +15,7 @@
 use crate::config::SlowClient;
 use crate::event::Event;
 use crate::http::ApiError;
-use crate::shard::Shard;
+use crate::shard::{Shard, Tenant};
 use futures_lite::{AsyncRead, AsyncWriteExt};
 use glommio::net::TcpStream;
 use std::cell::{Cell, RefCell};
@@ -70,6 +70,8 @@ pub struct Fanout {
     per_key: RefCell<HashMap<Box<[u8]>, usize>>,
     pub slow_clients: Cell<u64>,
     pub delivered: Cell<u64>,
+    /// The tenant was removed: every subscriber ends.
+    closed: Cell<bool>,
     /// Where a woken subscriber gathers its frames. One per shard: a
     /// subscriber uses it only between two awaits, so no allocation per
     /// delivery and none held by idle subscribers.
@@ -89,6 +91,7 @@ impl Fanout {
             per_key: RefCell::new(HashMap::new()),
             slow_clients: Cell::new(0),
             delivered: Cell::new(0),
+            closed: Cell::new(false),
             scratch: RefCell::new(Vec::new()),
         }
     }
@@ -152,6 +155,12 @@ impl Fanout {
                 self.last.set(e.position);
             }
         }
+        self.wake_all();
+    }
+
+    /// The tenant is gone (reload): end every subscription.
+    pub fn close(&self) {
+        self.closed.set(true);
         self.wake_all();
     }
 
@@ -227,12 +236,16 @@ impl Drop for Slot<'_> {
     }
 }
 
-fn admit<'a>(shard: &'a Shard, key: Option<Box<[u8]>>) -> Result<Slot<'a>, ApiError> {
-    let f = &shard.fanout;
+fn admit<'a>(shard: &Shard, f: &'a Fanout, key: Option<Box<[u8]>>) -> Result<Slot<'a>, ApiError> {
     let cfg = &shard.cfg.sse;
     // The process cap, split evenly: each shard enforces its share alone.
     let per_shard = cfg.max_connections.div_ceil(shard.cfg.server.shards);
-    if f.subscribers.get() >= per_shard {
+    let held: usize = shard
+        .each_tenant()
+        .iter()
+        .map(|t| t.fanout.subscribers.get())
+        .sum();
+    if held >= per_shard {
         let mut e = ApiError::new(
             503,
             "too_many_subscribers",
@@ -274,11 +287,16 @@ enum Wake {
 }
 
 /// Serve one subscriber until it goes away (or the shard drains).
-pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, mut sub: Subscription) {
+pub async fn serve(
+    shard: Rc<Shard>,
+    tenant: Rc<Tenant>,
+    mut stream: TcpStream,
+    mut sub: Subscription,
+) {
     let registration = shard.conns.register(stream.as_raw_fd());
     // Needed only for the head: not kept for the subscription's lifetime.
     let cors = sub.cors.take();
-    let slot = match admit(&shard, sub.key.take()) {
+    let slot = match admit(&shard, &tenant.fanout, sub.key.take()) {
         Ok(s) => s,
         Err(e) => {
             let mut out = Vec::new();
@@ -291,10 +309,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, mut sub: Subscriptio
     // An SSE response is written for as long as the client stays.
     let _ = stream.set_write_timeout(None);
     let _ = stream.set_read_timeout(None);
-    let fanout = &shard.fanout;
+    let fanout = &tenant.fanout;
     let cfg = &shard.cfg.sse;
 
-    let head = shard.index.head().unwrap_or_else(|_| fanout.last());
+    let head = tenant.index.head().unwrap_or_else(|_| fanout.last());
     let mut out: Vec<u8> = Vec::with_capacity(256);
     out.extend_from_slice(
         b"HTTP/1.1 200 OK\r\nServer: shardcast\r\nContent-Type: text/event-stream\r\n\
@@ -331,12 +349,15 @@ Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: keep-alive\r\n",
     let mut lagging = false;
     let mut probe = [0u8; 8];
     loop {
+        if fanout.closed.get() {
+            return;
+        }
         // 1. Behind the ring: a page from SQLite.
         if cursor + 1 < fanout.first() {
             // Boxed: the read's channel futures would otherwise sit in every
             // idle subscriber's task state.
             let read = Box::pin(
-                shard
+                tenant
                     .readers
                     .events_from(cursor + 1, cfg.catch_up_batch_events),
             );
@@ -441,6 +462,9 @@ Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: keep-alive\r\n",
                     Poll::Pending => break,
                 }
             }
+            if fanout.closed.get() {
+                return Poll::Ready(Wake::Closed);
+            }
             if fanout.last() > cursor || cursor + 1 < fanout.first() {
                 return Poll::Ready(Wake::Events);
             }
@@ -512,7 +536,9 @@ async fn write(stream: &mut TcpStream, out: &mut Vec<u8>) -> std::io::Result<()>
 pub async fn heartbeat_loop(shard: Rc<Shard>) {
     loop {
         glommio::timer::sleep(shard.cfg.sse.heartbeat_interval).await;
-        shard.fanout.beat();
+        for t in shard.each_tenant() {
+            t.fanout.beat();
+        }
     }
 }
 

@@ -123,6 +123,13 @@ pub fn open_writer(cfg: &DatabaseConfig) -> rusqlite::Result<Connection> {
     }
     conn.execute_batch(SCHEMA)?;
     conn.execute_batch(&format!("PRAGMA user_version={SCHEMA_VERSION}"))?;
+    if let Some(bytes) = cfg.max_database_bytes {
+        // SQLite answers SQLITE_FULL past this, as on a full disk: the
+        // writer turns it into a 507 for that database's appends only.
+        let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let pages = (bytes as i64 / page.max(512)).max(1);
+        conn.query_row(&format!("PRAGMA max_page_count={pages}"), [], |_| Ok(()))?;
+    }
     Ok(conn)
 }
 

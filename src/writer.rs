@@ -7,10 +7,12 @@
 //! then answers: one message per shard per commit. A client's 2xx therefore
 //! always follows the commit of its events (group commit).
 
-use crate::checkpoint::WalWatch;
+use crate::checkpoint::{Checkpointer, WalWatch};
+use crate::config::{Config, DatabaseConfig, IndexConfig};
 use crate::event::{Event, NewEvent};
-use crate::index::Index;
+use crate::index::{Index, Recovery};
 use crate::storage;
+use crate::tenant::TenantId;
 use rusqlite::{Connection, TransactionBehavior};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,6 +37,8 @@ pub enum AppendKind {
 pub struct AppendRequest {
     /// Shard-local number the answer is matched back by.
     pub ticket: u64,
+    /// Whose storage it goes to.
+    pub tenant: TenantId,
     pub kind: AppendKind,
     pub events: Vec<NewEvent>,
     /// For `AppendKind::Consumer`: the consumer id and the position to save.
@@ -73,161 +77,140 @@ pub enum Outcome {
     PositionBeyondHead {
         head: u64,
     },
-    /// Storage failed; nothing of the request was written.
+    /// Storage failed; nothing of the request was written. `full`: the
+    /// disk, the database's size cap or the index map is full (507).
     Failed {
         message: String,
+        full: bool,
     },
 }
 
-/// Writer → shard: one message per shard per commit, with the answers to
-/// that shard's requests and the events the commit made durable (shared by
-/// every shard: each encodes them once into its SSE ring).
+/// One tenant's events made durable by one commit, in position order,
+/// contiguous, following that tenant's previous ones.
+#[derive(Debug)]
+pub struct Published {
+    pub tenant: TenantId,
+    pub events: Vec<Event>,
+}
+
+/// Writer → shard: one message per shard per wakeup, with the answers to
+/// that shard's requests and every tenant's committed events (shared by
+/// every shard: each encodes them once into that tenant's SSE ring).
 #[derive(Debug)]
 pub struct FromWriter {
     pub replies: Vec<(u64, Outcome)>,
-    /// In position order, contiguous, following the previous message's.
-    pub events: Arc<Vec<Event>>,
+    pub events: Arc<Vec<Published>>,
 }
 
-pub struct Writer {
+/// The process → writer: tenants come and go on reload. `done` is answered
+/// once the writer holds (or has closed) the store, so shards are told
+/// about a new tenant only when its appends can be served.
+pub enum WriterControl {
+    Add {
+        id: TenantId,
+        store: Box<Store>,
+        done: flume::Sender<()>,
+    },
+    Remove {
+        id: TenantId,
+        done: flume::Sender<()>,
+    },
+}
+
+/// One tenant's storage, owned by the writer thread: its SQLite connection
+/// and the only write access to its LMDB index.
+pub struct Store {
+    pub name: String,
     conn: Connection,
     index: Index,
-    rx: flume::Receiver<ToWriter>,
-    shards: Vec<flume::Sender<FromWriter>>,
-    batch_events_max: usize,
     /// Position of the last committed event; the next gets `head + 1`.
     head: u64,
     /// The index missed a commit (its own commit failed); bring it up to date first.
     index_behind: bool,
-    carry: Option<ToWriter>,
     /// Nudges the checkpoint thread as the WAL grows.
     wal: WalWatch,
+    checkpointer: Option<Checkpointer>,
     /// `storage.retain_events` (0: keep everything).
     retain_events: u64,
     /// Lowest stored position: where pruning continues.
     low: u64,
+    _lock: storage::DbLock,
 }
 
-#[derive(Debug, Default, Clone, Copy)]
-pub struct WriterStats {
-    pub commits: u64,
-    pub events: u64,
-}
-
-/// How each event of a request will be stored.
-enum Slot {
-    New { position: u64, version: Option<u64> },
-    Duplicate(u64),
-}
-
-#[derive(Debug)]
-struct StorageError(String);
-
-impl From<rusqlite::Error> for StorageError {
-    fn from(e: rusqlite::Error) -> Self {
-        StorageError(format!("SQLite: {e}"))
-    }
-}
-impl From<heed::Error> for StorageError {
-    fn from(e: heed::Error) -> Self {
-        StorageError(format!("LMDB: {e}"))
-    }
-}
-
-impl Writer {
-    pub fn new(
-        conn: Connection,
-        index: Index,
-        rx: flume::Receiver<ToWriter>,
-        shards: Vec<flume::Sender<FromWriter>>,
-        cfg: &crate::config::Config,
-        checkpointer: &crate::checkpoint::Checkpointer,
-    ) -> Result<Writer, rusqlite::Error> {
-        let head = storage::head(&conn)?;
-        let low = storage::low(&conn)?;
-        let wal = WalWatch::install(&conn, checkpointer, cfg.database.busy_timeout)?;
-        let batch_events_max = cfg.writer.batch_events_max;
-        let retain_events = cfg.storage.retain_events;
-        Ok(Writer {
-            conn,
-            index,
-            rx,
-            shards,
-            batch_events_max,
-            head,
-            index_behind: false,
-            carry: None,
-            wal,
-            retain_events,
-            low,
-        })
-    }
-
-    /// Run until every shard has hung up, committing everything they sent.
-    pub fn run(mut self) -> WriterStats {
-        let mut stats = WriterStats::default();
-        while let Some(group) = self.next_group() {
-            self.wal.between_commits();
-            let started = Instant::now();
-            let n = self.commit_group(group);
-            stats.commits += 1;
-            stats.events += n as u64;
-            tracing::trace!(
-                events = n,
-                micros = started.elapsed().as_micros() as u64,
-                "group commit"
-            );
-        }
-        tracing::info!(
-            commits = stats.commits,
-            events = stats.events,
-            head = self.head,
-            "writer stopped"
-        );
-        stats
-    }
-
-    /// Block for the first message, then take whatever else is queued without
-    /// waiting, up to `batch_events_max` events. None when all shards are gone.
-    fn next_group(&mut self) -> Option<Vec<ToWriter>> {
-        let first = match self.carry.take() {
-            Some(m) => m,
-            None => self.rx.recv().ok()?,
-        };
-        let mut events = count_events(&first);
-        let mut group = vec![first];
-        while events < self.batch_events_max {
-            match self.rx.try_recv() {
-                Ok(m) => {
-                    let n = count_events(&m);
-                    if events + n > self.batch_events_max {
-                        self.carry = Some(m);
-                        break;
-                    }
-                    events += n;
-                    group.push(m);
-                }
-                Err(_) => break,
+impl Store {
+    /// Lock, open (creating on first start), bring the index in step, start
+    /// the checkpoint thread. Runs on any thread; the store then moves to
+    /// the writer. Returns the store and a handle on its index for readers.
+    pub fn open(
+        name: &str,
+        database: &DatabaseConfig,
+        index_cfg: &IndexConfig,
+        cfg: &Config,
+    ) -> Result<(Store, Index), String> {
+        let lock =
+            storage::lock_database(database).map_err(|e| format!("cannot lock database: {e}"))?;
+        let conn = storage::open_writer(database)
+            .map_err(|e| format!("cannot open database {}: {e}", database.path.display()))?;
+        let (index, recovery) = Index::open_checked(index_cfg, &conn)
+            .map_err(|e| format!("cannot open index {}: {e}", index_cfg.path.display()))?;
+        match &recovery {
+            Recovery::InStep => tracing::info!(tenant = name, "index in step with SQLite"),
+            Recovery::CaughtUp { from, to } => {
+                tracing::info!(tenant = name, from, to, "index caught up from SQLite")
+            }
+            Recovery::Rebuilt { reason, events } => {
+                tracing::warn!(tenant = name, %reason, events, "index rebuilt from SQLite")
             }
         }
-        Some(group)
+        let checkpointer = Checkpointer::spawn(database)
+            .map_err(|e| format!("cannot start the checkpoint thread: {e}"))?;
+        let head = storage::head(&conn).map_err(|e| format!("cannot read the head: {e}"))?;
+        let low = storage::low(&conn).map_err(|e| format!("cannot read the head: {e}"))?;
+        let wal = WalWatch::install(&conn, &checkpointer, database.busy_timeout)
+            .map_err(|e| format!("cannot watch the WAL: {e}"))?;
+        Ok((
+            Store {
+                name: name.to_string(),
+                conn,
+                index: index.clone(),
+                head,
+                index_behind: false,
+                wal,
+                checkpointer: Some(checkpointer),
+                retain_events: cfg.storage.retain_events,
+                low,
+                _lock: lock,
+            },
+            index,
+        ))
     }
 
-    /// Write one group in one transaction and answer every request in it.
-    /// Returns the number of events written.
-    fn commit_group(&mut self, group: Vec<ToWriter>) -> usize {
+    /// Close the connection, then stop the checkpoint thread (whose
+    /// connection, now the last, checkpoints what is left as it closes).
+    fn close(mut self) {
+        let checkpointer = self.checkpointer.take();
+        drop(self);
+        if let Some(c) = checkpointer {
+            c.stop();
+        }
+    }
+
+    /// Write one tenant's share of a group in one transaction and answer
+    /// each of its requests. Returns the events it made durable.
+    fn commit(
+        &mut self,
+        requests: Vec<(usize, AppendRequest)>,
+        answers: &mut [Vec<(u64, Outcome)>],
+    ) -> Vec<Event> {
         if self.index_behind {
             self.resync_index();
         }
+        self.wal.between_commits();
         let before = self.head;
-        let mut answers: Vec<Vec<(u64, Outcome)>> =
-            (0..self.shards.len()).map(|_| Vec::new()).collect();
-        let tickets: Vec<(usize, u64)> = group
-            .iter()
-            .flat_map(|m| m.requests.iter().map(move |r| (m.shard, r.ticket)))
-            .collect();
+        let tickets: Vec<(usize, u64)> = requests.iter().map(|(s, r)| (*s, r.ticket)).collect();
+        let mut replies = Vec::with_capacity(requests.len());
         let mut committed = Vec::new();
-        match self.write(group, &mut answers, &mut committed) {
+        match self.write(requests, &mut replies, &mut committed) {
             Ok(written) => {
                 // Positions are contiguous: the head moved by exactly what was written.
                 assert_eq!(
@@ -239,49 +222,33 @@ impl Writer {
                     .iter()
                     .enumerate()
                     .all(|(i, e)| e.position == before + 1 + i as u64));
-                let events = Arc::new(committed);
-                for (shard, replies) in answers.into_iter().enumerate() {
-                    if !replies.is_empty() || !events.is_empty() {
-                        // A shard that already stopped has no one left to answer.
-                        let _ = self.shards[shard].send(FromWriter {
-                            replies,
-                            events: events.clone(),
-                        });
-                    }
+                // Answers only now, after the commit.
+                for (shard, ticket, outcome) in replies {
+                    answers[shard].push((ticket, outcome));
                 }
-                written
+                committed
             }
             Err(e) => {
-                tracing::error!(error = %e.0, "group commit failed; nothing of it was written");
+                tracing::error!(tenant = %self.name, error = %e.message, "group commit failed; nothing of it was written");
                 self.head = before;
-                let mut per_shard: Vec<Vec<(u64, Outcome)>> =
-                    (0..self.shards.len()).map(|_| Vec::new()).collect();
                 for (shard, ticket) in tickets {
-                    per_shard[shard].push((
+                    answers[shard].push((
                         ticket,
                         Outcome::Failed {
-                            message: e.0.clone(),
+                            message: e.message.clone(),
+                            full: e.full,
                         },
                     ));
                 }
-                let none = Arc::new(Vec::new());
-                for (shard, replies) in per_shard.into_iter().enumerate() {
-                    if !replies.is_empty() {
-                        let _ = self.shards[shard].send(FromWriter {
-                            replies,
-                            events: none.clone(),
-                        });
-                    }
-                }
-                0
+                Vec::new()
             }
         }
     }
 
     fn write(
         &mut self,
-        group: Vec<ToWriter>,
-        answers: &mut [Vec<(u64, Outcome)>],
+        requests: Vec<(usize, AppendRequest)>,
+        replies: &mut Vec<(usize, u64, Outcome)>,
         committed: &mut Vec<Event>,
     ) -> Result<usize, StorageError> {
         let t0 = Instant::now();
@@ -294,35 +261,32 @@ impl Writer {
         let mut consumers_saved = false;
         {
             let mut stmt = tx.prepare_cached(storage::INSERT_EVENT)?;
-            for msg in group {
-                for req in msg.requests {
-                    let ticket = req.ticket;
-                    if let (AppendKind::Consumer, Some((id, position))) = (req.kind, &req.consumer)
-                    {
-                        // Positions of this same group count: they commit together.
-                        let head = next - 1;
-                        let outcome = if *position > head {
-                            Outcome::PositionBeyondHead { head }
-                        } else {
-                            storage::set_consumer(&tx, id, *position)?;
-                            self.index.consumers.put(&mut w, id.as_bytes(), position)?;
-                            consumers_saved = true;
-                            Outcome::PositionSaved
-                        };
-                        answers[msg.shard].push((ticket, outcome));
-                        continue;
-                    }
-                    let outcome = apply(
-                        &self.index,
-                        &tx,
-                        &mut stmt,
-                        &mut w,
-                        req,
-                        &mut next,
-                        committed,
-                    )?;
-                    answers[msg.shard].push((ticket, outcome));
+            for (shard, req) in requests {
+                let ticket = req.ticket;
+                if let (AppendKind::Consumer, Some((id, position))) = (req.kind, &req.consumer) {
+                    // Positions of this same group count: they commit together.
+                    let head = next - 1;
+                    let outcome = if *position > head {
+                        Outcome::PositionBeyondHead { head }
+                    } else {
+                        storage::set_consumer(&tx, id, *position)?;
+                        self.index.consumers.put(&mut w, id.as_bytes(), position)?;
+                        consumers_saved = true;
+                        Outcome::PositionSaved
+                    };
+                    replies.push((shard, ticket, outcome));
+                    continue;
                 }
+                let outcome = apply(
+                    &self.index,
+                    &tx,
+                    &mut stmt,
+                    &mut w,
+                    req,
+                    &mut next,
+                    committed,
+                )?;
+                replies.push((shard, ticket, outcome));
             }
         }
         let written = (next - 1 - self.head) as usize;
@@ -350,13 +314,14 @@ impl Writer {
         let t_commit = t0.elapsed();
         self.wal.after_commit();
         if let Err(e) = w.commit() {
-            tracing::error!(error = %e, "index commit failed after SQLite commit; re-indexing from SQLite");
+            tracing::error!(tenant = %self.name, error = %e, "index commit failed after SQLite commit; re-indexing from SQLite");
             self.index_behind = true;
             self.resync_index();
         }
         let total = t0.elapsed();
         if total >= SLOW_COMMIT_WARN {
             tracing::warn!(
+                tenant = %self.name,
                 events = written,
                 begin_ms = t_begin.as_millis() as u64,
                 apply_ms = (t_apply - t_begin).as_millis() as u64,
@@ -372,14 +337,241 @@ impl Writer {
         match self.index.head().map_err(StorageError::from).and_then(|h| {
             self.index
                 .index_range(&self.conn, h + 1)
-                .map_err(|e| StorageError(e.to_string()))
+                .map_err(|e| StorageError::other(e.to_string()))
         }) {
             Ok(_) => self.index_behind = false,
             Err(e) => {
-                tracing::error!(error = %e.0, "index still behind SQLite; will retry before the next commit")
+                tracing::error!(tenant = %self.name, error = %e.message, "index still behind SQLite; will retry before the next commit")
             }
         }
     }
+}
+
+pub struct Writer {
+    stores: HashMap<TenantId, Store>,
+    rx: flume::Receiver<ToWriter>,
+    control: Option<flume::Receiver<WriterControl>>,
+    shards: Vec<flume::Sender<FromWriter>>,
+    batch_events_max: usize,
+    carry: Option<ToWriter>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WriterStats {
+    pub commits: u64,
+    pub events: u64,
+}
+
+/// How each event of a request will be stored.
+enum Slot {
+    New { position: u64, version: Option<u64> },
+    Duplicate(u64),
+}
+
+#[derive(Debug)]
+struct StorageError {
+    message: String,
+    /// The disk, the database's size cap or the index's map is full: 507.
+    full: bool,
+}
+
+impl StorageError {
+    fn other(message: String) -> StorageError {
+        StorageError {
+            message,
+            full: false,
+        }
+    }
+}
+
+impl From<rusqlite::Error> for StorageError {
+    fn from(e: rusqlite::Error) -> Self {
+        let full = matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DiskFull));
+        StorageError {
+            message: format!("SQLite: {e}"),
+            full,
+        }
+    }
+}
+impl From<heed::Error> for StorageError {
+    fn from(e: heed::Error) -> Self {
+        let full = matches!(e, heed::Error::Mdb(heed::MdbError::MapFull));
+        StorageError {
+            message: format!("LMDB: {e}"),
+            full,
+        }
+    }
+}
+
+impl Writer {
+    pub fn new(
+        stores: HashMap<TenantId, Store>,
+        rx: flume::Receiver<ToWriter>,
+        control: flume::Receiver<WriterControl>,
+        shards: Vec<flume::Sender<FromWriter>>,
+        cfg: &crate::config::Config,
+    ) -> Writer {
+        Writer {
+            stores,
+            rx,
+            control: Some(control),
+            shards,
+            batch_events_max: cfg.writer.batch_events_max,
+            carry: None,
+        }
+    }
+
+    /// Run until every shard has hung up, committing everything they sent.
+    pub fn run(mut self) -> WriterStats {
+        let mut stats = WriterStats::default();
+        while let Some(group) = self.next_group() {
+            let started = Instant::now();
+            let n = self.commit_group(group);
+            stats.commits += 1;
+            stats.events += n as u64;
+            tracing::trace!(
+                events = n,
+                micros = started.elapsed().as_micros() as u64,
+                "group commit"
+            );
+        }
+        for (_, store) in std::mem::take(&mut self.stores) {
+            tracing::info!(tenant = %store.name, head = store.head, "store closed");
+            store.close();
+        }
+        tracing::info!(
+            commits = stats.commits,
+            events = stats.events,
+            "writer stopped"
+        );
+        stats
+    }
+
+    fn on_control(&mut self, c: WriterControl) {
+        match c {
+            WriterControl::Add { id, store, done } => {
+                tracing::info!(tenant = %store.name, head = store.head, "tenant added");
+                if let Some(old) = self.stores.insert(id, *store) {
+                    old.close();
+                }
+                let _ = done.send(());
+            }
+            WriterControl::Remove { id, done } => {
+                if let Some(store) = self.stores.remove(&id) {
+                    tracing::info!(tenant = %store.name, head = store.head, "tenant removed");
+                    store.close();
+                }
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// Block for the first message (serving tenant changes meanwhile), then
+    /// take whatever else is queued without waiting, up to
+    /// `batch_events_max` events. None when all shards are gone.
+    fn next_group(&mut self) -> Option<Vec<ToWriter>> {
+        let first = match self.carry.take() {
+            Some(m) => m,
+            None => loop {
+                let next = match &self.control {
+                    Some(control) => flume::Selector::new()
+                        .recv(&self.rx, |m| m.map(Next::Requests).unwrap_or(Next::Stopped))
+                        .recv(control, |c| {
+                            c.map(Next::Control).unwrap_or(Next::ControlGone)
+                        })
+                        .wait(),
+                    None => self.rx.recv().map(Next::Requests).unwrap_or(Next::Stopped),
+                };
+                match next {
+                    Next::Requests(m) => break m,
+                    Next::Stopped => return None,
+                    Next::Control(c) => self.on_control(c),
+                    // The process side hung up: requests only from now on.
+                    Next::ControlGone => self.control = None,
+                }
+            },
+        };
+        let mut events = count_events(&first);
+        let mut group = vec![first];
+        while events < self.batch_events_max {
+            match self.rx.try_recv() {
+                Ok(m) => {
+                    let n = count_events(&m);
+                    if events + n > self.batch_events_max {
+                        self.carry = Some(m);
+                        break;
+                    }
+                    events += n;
+                    group.push(m);
+                }
+                Err(_) => break,
+            }
+        }
+        Some(group)
+    }
+
+    /// One transaction per tenant touched, then one message per shard with
+    /// every answer and every tenant's committed events. Returns the number
+    /// of events written.
+    fn commit_group(&mut self, group: Vec<ToWriter>) -> usize {
+        let mut answers: Vec<Vec<(u64, Outcome)>> =
+            (0..self.shards.len()).map(|_| Vec::new()).collect();
+        // Tenants in the order their first request came, requests in order.
+        let mut by_tenant: Vec<(TenantId, Vec<(usize, AppendRequest)>)> = Vec::new();
+        for msg in group {
+            for req in msg.requests {
+                match by_tenant.iter_mut().find(|(t, _)| *t == req.tenant) {
+                    Some((_, reqs)) => reqs.push((msg.shard, req)),
+                    None => by_tenant.push((req.tenant, vec![(msg.shard, req)])),
+                }
+            }
+        }
+        let mut published = Vec::new();
+        let mut written = 0;
+        for (tenant, requests) in by_tenant {
+            match self.stores.get_mut(&tenant) {
+                Some(store) => {
+                    // One tenant's failure answers only its own requests.
+                    let events = store.commit(requests, &mut answers);
+                    if !events.is_empty() {
+                        written += events.len();
+                        published.push(Published { tenant, events });
+                    }
+                }
+                None => {
+                    for (shard, req) in requests {
+                        answers[shard].push((
+                            req.ticket,
+                            Outcome::Failed {
+                                message: "this tenant has been removed".into(),
+                                full: false,
+                            },
+                        ));
+                    }
+                }
+            }
+        }
+        let events = Arc::new(published);
+        for (shard, replies) in answers.into_iter().enumerate() {
+            if !replies.is_empty() || !events.is_empty() {
+                // A shard that already stopped has no one left to answer.
+                let _ = self.shards[shard].send(FromWriter {
+                    replies,
+                    events: events.clone(),
+                });
+            }
+        }
+        written
+    }
+}
+
+/// What woke the idle writer.
+enum Next {
+    Requests(ToWriter),
+    Control(WriterControl),
+    /// Every shard hung up.
+    Stopped,
+    ControlGone,
 }
 
 /// Inside the commit's transaction: delete the next slice of events older
@@ -517,7 +709,7 @@ fn apply(
                 last = last.max(p);
                 if kind == AppendKind::One {
                     let original = storage::event_at(tx, p)?.ok_or_else(|| {
-                        StorageError(format!(
+                        StorageError::other(format!(
                             "index names position {p}, which SQLite does not hold"
                         ))
                     })?;
