@@ -8,14 +8,15 @@
 //!                   │
 //!                  http     parse, keep-alive, pipelining, timeouts, JSON errors
 //!                   │
-//!                  route    endpoint, auth, limits; parse events (event)
+//!                  route    endpoint, key → tenant + role (tenant), limits;
+//!                   │         parse events (event)
 //!                   │         ├─ lookups: LMDB index (index), no locks
 //!                   │         └─ reads: SQLite on the reader pool (reader);
 //!                   │            long replays a page at a time (replay)
 //!                  shard    per-core queue → one flume message per wakeup
 //!                   │
 //!                  writer   one thread: check ids/versions (index), one SQLite
-//!                   │        transaction per wakeup (storage), commit, then
+//!                   │        transaction per tenant per wakeup (storage), commit, then
 //!                   │        update LMDB and answer: one message per shard
 //!                   ▼
 //!                  shard    wakes each waiting request → 200 after commit

@@ -188,6 +188,12 @@ pub fn resolve(
     };
     let tenant = if route == Route::Health {
         None
+    } else if route == Route::Tenants && shard.tenant_names().is_none() {
+        return Err(ApiError::new(
+            404,
+            "not_found",
+            "single-tenant mode: there are no tenants to list",
+        ));
     } else {
         let query = std::str::from_utf8(&buf[head.query.clone()]).unwrap_or("");
         let given = presented_key(shard, head, query, buf).unwrap_or_default();

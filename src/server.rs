@@ -170,6 +170,9 @@ pub fn run(cfg: Config, reload: LoadConfig) -> Result<(), StartError> {
     };
     spawn_signal_thread(control_txs, cfg.server.shutdown_timeout, reloader)?;
     announce(addr, &cfg, &set);
+    // The shards and the reloader hold the set from here: a removed tenant's
+    // LMDB environment must close when they let go of it, so it can reopen.
+    drop(set);
 
     for (id, h) in handles.into_iter().enumerate() {
         if let Err(e) = h.join() {
