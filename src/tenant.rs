@@ -449,6 +449,25 @@ mod tests {
     }
 
     #[test]
+    fn tenants_in_the_toml_config_use_tenants_dir() {
+        let dir = std::env::temp_dir().join(format!("sc-tenants-toml-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("shardcast.toml");
+        std::fs::write(
+            &f,
+            "[server]\nlisten = \"0.0.0.0:8080\"\n[database]\ntenants_dir = \"/srv/sc\"\n\n[[tenants]]\nname = \"a\"\napi_key = \"a-key-0123456789\"\n\n[[tenants]]\nname = \"b\"\nkeys = [{ key = \"b-key-0123456789\", role = \"write\" }]\n",
+        )
+        .unwrap();
+        // Public listen without API_KEY is fine: tenants carry their keys.
+        let cfg = Config::load(Some(&f), &HashMap::<String, String>::new()).unwrap();
+        let t = Tenancy::from_config(&cfg).unwrap();
+        assert!(t.multi && !t.open);
+        assert_eq!(t.tenants[1].database.path, PathBuf::from("/srv/sc/b.db"));
+        assert_eq!(t.tenants[1].keys[0].1, Access::WRITE);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn bad_tenants_are_refused() {
         for (yaml, says) in [
             ("tenants: []", "no tenants"),
