@@ -67,7 +67,7 @@ wait_port() { # host:port, log file
 
 # --- shardcast -------------------------------------------------------------
 sc_port=$(free_port)
-PORT=$sc_port DB_PATH=$work/data/events.db RUST_LOG=warn \
+PORT=$sc_port DB_PATH=$work/data/events.db RATE_LIMIT=0 RUST_LOG=warn \
   "$SHARDCAST_BIN" serve >"$work/shardcast.out" 2>"$work/shardcast.log" &
 pids+=($!)
 wait_port "127.0.0.1:$sc_port" "$work/shardcast.log"

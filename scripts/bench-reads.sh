@@ -47,7 +47,7 @@ wait_port() {
 anon_kib() { awk '/^RssAnon:/ {print $2}' "/proc/$1/status"; }
 
 port=$(free_port)
-PORT=$port DB_PATH=$work/data/events.db RUST_LOG=warn "$SHARDCAST_BIN" serve >"$work/out" 2>"$work/log" &
+PORT=$port DB_PATH=$work/data/events.db RATE_LIMIT=0 RUST_LOG=warn "$SHARDCAST_BIN" serve >"$work/out" 2>"$work/log" &
 sc=$!; pids+=($sc)
 wait_port "$port"
 base=http://127.0.0.1:$port

@@ -70,7 +70,7 @@ run_shardcast() { # N run
   local dir=$work/sc-$1-$2 port
   port=$(free_port)
   mkdir -p "$dir"
-  PORT=$port DB_PATH=$dir/events.db RUST_LOG=warn "$SHARDCAST_BIN" serve >"$dir/out" 2>"$dir/log" &
+  PORT=$port DB_PATH=$dir/events.db RATE_LIMIT=0 RUST_LOG=warn "$SHARDCAST_BIN" serve >"$dir/out" 2>"$dir/log" &
   local pid=$!
   wait_port "$port"
   local line

@@ -76,6 +76,24 @@ pub struct Config {
     pub storage: StorageConfig,
     /// `[[tenants]]` from the config file (a tenants file, if named, wins).
     pub tenants: Vec<crate::tenant::RawTenant>,
+    pub rate_limit: RateLimitConfig,
+}
+
+/// Per-client request rate limit (see `ratelimit`), enforced by each shard alone.
+#[derive(Debug, Clone)]
+pub struct RateLimitConfig {
+    /// Sustained requests per second per client address; 0: no rate limit.
+    pub per_second: f64,
+    /// Requests a client may make at once after being idle (the bucket's size).
+    pub burst: u32,
+    /// Client addresses each shard tracks at most; beyond, new clients share one bucket.
+    pub max_tracked_addresses: usize,
+}
+
+impl RateLimitConfig {
+    pub fn enabled(&self) -> bool {
+        self.per_second > 0.0
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -109,6 +127,11 @@ pub struct ServerConfig {
     pub gzip_min_bytes: Option<usize>,
     /// zlib level, 1 (fastest) to 9 (smallest).
     pub gzip_level: u32,
+    /// Open connections per process (SSE included), split evenly across
+    /// shards; a connection beyond its shard's share gets 503 and is closed.
+    pub max_connections: usize,
+    /// Peers whose `X-Forwarded-For` names the client (for the rate limit).
+    pub trusted_proxies: Vec<crate::ratelimit::IpNet>,
 }
 
 #[derive(Debug, Clone)]
@@ -229,6 +252,16 @@ pub struct RawConfig {
     pub storage: RawStorage,
     #[serde(default)]
     pub tenants: Vec<crate::tenant::RawTenant>,
+    #[serde(default)]
+    pub rate_limit: RawRateLimit,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub per_second: Option<f64>,
+    pub burst: Option<i64>,
+    pub max_tracked_addresses: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -257,6 +290,8 @@ pub struct RawServer {
     pub gzip: Option<bool>,
     pub gzip_min_bytes: Option<i64>,
     pub gzip_level: Option<i64>,
+    pub max_connections: Option<i64>,
+    pub trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -414,6 +449,8 @@ pub const KEYS: &[(&str, &str)] = &[
     ("server", "gzip"),
     ("server", "gzip_min_bytes"),
     ("server", "gzip_level"),
+    ("server", "max_connections"),
+    ("server", "trusted_proxies"),
     ("writer", "batch_events_max"),
     ("writer", "queue_requests_max"),
     ("writer", "queue_bytes_max"),
@@ -448,6 +485,9 @@ pub const KEYS: &[(&str, &str)] = &[
     ("sse", "catch_up_batch_events"),
     ("storage", "retain_events"),
     ("storage", "max_database_bytes"),
+    ("rate_limit", "per_second"),
+    ("rate_limit", "burst"),
+    ("rate_limit", "max_tracked_addresses"),
 ];
 
 /// ebuse's environment names and the key each one sets.
@@ -459,6 +499,8 @@ pub const EBUSE_ENV: &[(&str, &str, &str)] = &[
     ("WRITE_TIMEOUT", "server", "write_timeout"),
     ("IDLE_TIMEOUT", "server", "idle_timeout"),
     ("SHUTDOWN_TIMEOUT", "server", "shutdown_timeout"),
+    ("RATE_LIMIT", "rate_limit", "per_second"),
+    ("RATE_BURST", "rate_limit", "burst"),
 ];
 
 fn set_raw(raw: &mut RawConfig, section: &str, key: &str, v: String) -> Result<(), ConfigError> {
@@ -501,6 +543,15 @@ fn set_raw(raw: &mut RawConfig, section: &str, key: &str, v: String) -> Result<(
         ("server", "gzip") => raw.server.gzip = Some(boolean(&v)?),
         ("server", "gzip_min_bytes") => raw.server.gzip_min_bytes = Some(int(&v)?),
         ("server", "gzip_level") => raw.server.gzip_level = Some(int(&v)?),
+        ("server", "max_connections") => raw.server.max_connections = Some(int(&v)?),
+        ("server", "trusted_proxies") => {
+            raw.server.trusted_proxies = Some(
+                v.split(',')
+                    .map(|o| o.trim().to_string())
+                    .filter(|o| !o.is_empty())
+                    .collect(),
+            )
+        }
         ("server", "cors_allow_credentials") => {
             raw.server.cors_allow_credentials = Some(boolean(&v)?)
         }
@@ -545,6 +596,17 @@ fn set_raw(raw: &mut RawConfig, section: &str, key: &str, v: String) -> Result<(
         ("sse", "retry_ms") => raw.sse.retry_ms = Some(int(&v)?),
         ("sse", "catch_up_batch_events") => raw.sse.catch_up_batch_events = Some(int(&v)?),
         ("storage", "retain_events") => raw.storage.retain_events = Some(int(&v)?),
+        ("rate_limit", "per_second") => {
+            raw.rate_limit.per_second = Some(
+                v.trim()
+                    .parse::<f64>()
+                    .map_err(|_| err(&name, format!("'{v}' is not a number")))?,
+            )
+        }
+        ("rate_limit", "burst") => raw.rate_limit.burst = Some(int(&v)?),
+        ("rate_limit", "max_tracked_addresses") => {
+            raw.rate_limit.max_tracked_addresses = Some(int(&v)?)
+        }
         _ => return Err(err(&name, "unknown key")),
     }
     Ok(())
@@ -702,6 +764,22 @@ impl Config {
                 1,
                 9,
             )? as u32,
+            // Resolved below, once the SSE cap is known.
+            max_connections: range(
+                need(s.max_connections, "server.max_connections")?,
+                "server.max_connections",
+                0,
+                100_000_000,
+            )? as usize,
+            trusted_proxies: s
+                .trusted_proxies
+                .unwrap_or_default()
+                .iter()
+                .map(|p| {
+                    p.parse::<crate::ratelimit::IpNet>()
+                        .map_err(|m| err("server.trusted_proxies", m))
+                })
+                .collect::<Result<_, _>>()?,
         };
         for o in &server.cors_origins {
             if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
@@ -979,6 +1057,41 @@ impl Config {
         if sse.heartbeat_interval.is_zero() {
             return Err(err("sse.heartbeat_interval", "must be greater than zero"));
         }
+        let mut server = server;
+        if server.max_connections == 0 {
+            server.max_connections = DEFAULT_NON_SSE_CONNECTIONS + sse.max_connections;
+        }
+        let r = raw.rate_limit;
+        let per_second = need(r.per_second, "rate_limit.per_second")?;
+        if !(0.0..=1_000_000.0).contains(&per_second) {
+            return Err(err(
+                "rate_limit.per_second",
+                format!("{per_second} is out of range 0..=1000000"),
+            ));
+        }
+        let rate_limit = RateLimitConfig {
+            per_second,
+            burst: range(
+                need(r.burst, "rate_limit.burst")?,
+                "rate_limit.burst",
+                1,
+                1_000_000,
+            )? as u32,
+            max_tracked_addresses: range(
+                need(r.max_tracked_addresses, "rate_limit.max_tracked_addresses")?,
+                "rate_limit.max_tracked_addresses",
+                1,
+                100_000_000,
+            )? as usize,
+        };
+        if rate_limit.enabled() && rate_limit.per_second < 1e-3 {
+            return Err(err(
+                "rate_limit.per_second",
+                format!(
+                    "{per_second} is below 0.001 (one request in 1000 s); 0 turns the limit off"
+                ),
+            ));
+        }
         tracing_subscriber::EnvFilter::try_new(&log.level)
             .map_err(|e| err("log.level", format!("'{}': {e}", log.level)))?;
         Ok(Config {
@@ -992,9 +1105,13 @@ impl Config {
             sse,
             storage,
             tenants: raw.tenants,
+            rate_limit,
         })
     }
 }
+
+/// `server.max_connections = 0` means this many plus `sse.max_connections`.
+pub const DEFAULT_NON_SSE_CONNECTIONS: usize = 10_000;
 
 impl RawConfig {
     /// `other`'s set keys win over `self`'s.
@@ -1021,7 +1138,9 @@ impl RawConfig {
             cors_allow_credentials,
             gzip,
             gzip_min_bytes,
-            gzip_level
+            gzip_level,
+            max_connections,
+            trusted_proxies
         );
         pick!(
             out.writer,
@@ -1062,6 +1181,13 @@ impl RawConfig {
             other.storage,
             retain_events,
             max_database_bytes
+        );
+        pick!(
+            out.rate_limit,
+            other.rate_limit,
+            per_second,
+            burst,
+            max_tracked_addresses
         );
         pick!(
             out.sse,
@@ -1201,6 +1327,65 @@ mod tests {
                 "tuning/default.toml lacks {section}.{key}"
             );
         }
+    }
+
+    #[test]
+    fn rate_limit_and_admission_keys() {
+        let c = Config::default_config();
+        assert_eq!(c.rate_limit.per_second, 100.0);
+        assert_eq!(c.rate_limit.burst, 200);
+        assert_eq!(c.rate_limit.max_tracked_addresses, 100_000);
+        assert!(c.server.trusted_proxies.is_empty());
+        // 0 in the file: 10,000 plus the SSE cap.
+        assert_eq!(c.server.max_connections, 20_000);
+        let c = Config::load(
+            None,
+            &env(&[
+                ("RATE_LIMIT", "0.5"),
+                ("RATE_BURST", "7"),
+                ("SHARDCAST_SSE_MAX_CONNECTIONS", "50000"),
+                (
+                    "SHARDCAST_SERVER_TRUSTED_PROXIES",
+                    "127.0.0.1, 10.0.0.0/8,::1",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.rate_limit.per_second, 0.5);
+        assert_eq!(c.rate_limit.burst, 7);
+        assert_eq!(c.server.max_connections, 60_000);
+        assert_eq!(c.server.trusted_proxies.len(), 3);
+        let c = Config::load(
+            None,
+            &env(&[
+                ("RATE_LIMIT", "5"),
+                ("SHARDCAST_RATE_LIMIT_PER_SECOND", "0"),
+                ("SHARDCAST_SERVER_MAX_CONNECTIONS", "3"),
+            ]),
+        )
+        .unwrap();
+        assert!(!c.rate_limit.enabled());
+        assert_eq!(c.server.max_connections, 3);
+        let e = Config::load(None, &env(&[("RATE_LIMIT", "fast")])).unwrap_err();
+        assert_eq!(e.key, "RATE_LIMIT");
+        let e = Config::load(None, &env(&[("RATE_LIMIT", "-1")])).unwrap_err();
+        assert_eq!(e.key, "rate_limit.per_second");
+        let e = Config::load(None, &env(&[("RATE_BURST", "0")])).unwrap_err();
+        assert_eq!(e.key, "rate_limit.burst");
+        let e = Config::load(
+            None,
+            &env(&[("SHARDCAST_SERVER_TRUSTED_PROXIES", "10.0.0.1/8")]),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "server.trusted_proxies");
+        let toml = "[rate_limit]\nper_second = 2.5\nburst = 3\n[server]\ntrusted_proxies = [\"192.168.0.0/16\"]\n";
+        let raw = raw_from_toml(DEFAULT_TOML, "d")
+            .unwrap()
+            .overlay(raw_from_toml(toml, "f").unwrap());
+        let c = Config::validate(raw).unwrap();
+        assert_eq!(c.rate_limit.per_second, 2.5);
+        assert_eq!(c.rate_limit.burst, 3);
+        assert!(c.server.trusted_proxies[0].contains("192.168.7.7".parse().unwrap()));
     }
 
     #[test]

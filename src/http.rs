@@ -3,16 +3,24 @@
 //! ready in one write. Keep-alive is the default; pipelined requests are
 //! answered in order; errors are JSON (`{"error":{"code","message"}}`).
 //!
+//! Rate limit: each request but `/health`, SSE subscriptions and CORS
+//! preflights takes one token from its client's bucket (`ratelimit`) before it
+//! is routed or authenticated; an empty bucket gets `429 rate_limited` with
+//! `Retry-After`, and the connection stays open when its body (if any) is here.
+//!
 //! Timeouts: `server.idle_timeout` while waiting for a request to start,
 //! `server.read_timeout` for a started request to arrive whole (a deadline, not
 //! per read, so a trickling client is cut off), `server.write_timeout` per write.
 
+use crate::accept::Permit;
 use crate::limits::{CONN_BUFFER_KEEP_BYTES, CONN_READ_BUFFER_BYTES, REQUEST_HEADERS_MAX};
+use crate::ratelimit::Limiter;
 use crate::route;
 use crate::shard::Shard;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use std::io;
+use std::net::IpAddr;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
@@ -72,6 +80,8 @@ pub struct RequestHead {
     pub origin: Option<Range<usize>>,
     /// `Accept-Encoding` allows gzip.
     pub accept_gzip: bool,
+    /// An `X-Forwarded-For` header is present (read only from trusted proxies).
+    pub forwarded_for: bool,
 }
 
 /// An error answer. `close` ends the connection after it is written.
@@ -316,6 +326,7 @@ pub fn parse_head(buf: &[u8], max_header_bytes: usize) -> Parsed {
         last_event_id: None,
         origin: None,
         accept_gzip: false,
+        forwarded_for: false,
     };
     for h in req.headers.iter() {
         let name = h.name;
@@ -384,6 +395,8 @@ pub fn parse_head(buf: &[u8], max_header_bytes: usize) -> Parsed {
             head.origin = Some(range_of(buf, value));
         } else if name.eq_ignore_ascii_case("last-event-id") {
             head.last_event_id = Some(range_of(buf, value));
+        } else if name.eq_ignore_ascii_case("x-forwarded-for") {
+            head.forwarded_for = true;
         } else if name.eq_ignore_ascii_case("expect") {
             head.expect_continue = value.eq_ignore_ascii_case(b"100-continue");
         }
@@ -449,9 +462,82 @@ enum ReadErr {
     Io,
 }
 
+/// Whom a request counts against for the rate limit: the TCP peer, or for a
+/// peer in `server.trusted_proxies` the client its `X-Forwarded-For` names.
+struct Client {
+    peer: IpAddr,
+    peer_is_proxy: bool,
+}
+
+impl Client {
+    fn of(shard: &Shard, stream: &TcpStream) -> Client {
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
+        Client {
+            peer,
+            peer_is_proxy: crate::ratelimit::is_trusted(&shard.cfg.server.trusted_proxies, peer),
+        }
+    }
+
+    fn ip(&self, shard: &Shard, head: &RequestHead, buf: &[u8]) -> IpAddr {
+        if self.peer_is_proxy && head.forwarded_for {
+            crate::ratelimit::forwarded_client(
+                &buf[..head.head_len],
+                self.peer,
+                &shard.cfg.server.trusted_proxies,
+            )
+        } else {
+            self.peer
+        }
+    }
+}
+
+/// Requests that do not count against the rate limit: liveness checks and
+/// SSE subscriptions (held open, capped by `sse.*` instead). CORS preflights
+/// are answered before this is asked.
+fn rate_exempt(head: &RequestHead, path: &str) -> bool {
+    path == "/health" || (path == "/events/subscribe" && head.method == Method::Get)
+}
+
+/// Take one request from the client's bucket, or the 429 to answer with.
+fn rate_limit(
+    limiter: Option<&Limiter>,
+    shard: &Shard,
+    client: &Client,
+    head: &RequestHead,
+    path: &str,
+    buf: &[u8],
+) -> Result<(), ApiError> {
+    let Some(limiter) = limiter else {
+        return Ok(());
+    };
+    if rate_exempt(head, path) {
+        return Ok(());
+    }
+    let ip = client.ip(shard, head, buf);
+    limiter.check(ip).map_err(|secs| {
+        let mut e = ApiError::new(
+            429,
+            "rate_limited",
+            format!(
+                "too many requests from {}: at most {} per second with bursts of {}; retry after {secs} s",
+                crate::ratelimit::describe(ip),
+                limiter.per_second,
+                limiter.burst
+            ),
+        );
+        e.retry_after_secs = Some(secs);
+        e
+    })
+}
+
 /// Serve one connection until it closes, errs, times out or the shard drains.
-pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+/// `permit` holds the connection's place under `server.max_connections`.
+pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
     let registration = shard.conns.register(stream.as_raw_fd());
+    let client = Client::of(&shard, &stream);
     let cfg = &shard.cfg.server;
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(cfg.write_timeout));
@@ -536,28 +622,44 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 return;
             }
             rb.consume(head.head_len + body_len);
+            if !keep_alive {
+                let _ = flush(&mut stream, &mut out).await;
+                return;
+            }
             if rb.start == rb.end && flush(&mut stream, &mut out).await.is_err() {
                 return;
             }
             continue;
         }
-        let (route, tenant) = match route::resolve(&shard, &head, path, pending) {
-            Ok(r) => r,
-            Err(e) => {
-                // A body we will not read cannot be skipped safely unless it is here already.
-                let body_len = head.content_length.unwrap_or(0);
-                let close =
-                    e.close || head.chunked || rb.pending().len() < head.head_len + body_len;
-                e.write(&mut out, keep_alive && !close);
-                add_cors(&mut out, answer_start, cors.as_deref());
-                if close {
-                    let _ = flush(&mut stream, &mut out).await;
-                    return;
+        let limited = rate_limit(
+            permit.admission().limiter.as_ref(),
+            &shard,
+            &client,
+            &head,
+            path,
+            pending,
+        );
+        let (route, tenant) =
+            match limited.and_then(|()| route::resolve(&shard, &head, path, pending)) {
+                Ok(r) => r,
+                Err(e) => {
+                    // A body we will not read cannot be skipped safely unless it is here already.
+                    let body_len = head.content_length.unwrap_or(0);
+                    // `Connection: close` (or HTTP/1.0) is honoured for errors too.
+                    let close = e.close
+                        || !keep_alive
+                        || head.chunked
+                        || rb.pending().len() < head.head_len + body_len;
+                    e.write(&mut out, keep_alive && !close);
+                    add_cors(&mut out, answer_start, cors.as_deref());
+                    if close {
+                        let _ = flush(&mut stream, &mut out).await;
+                        return;
+                    }
+                    rb.consume(head.head_len + body_len);
+                    continue;
                 }
-                rb.consume(head.head_len + body_len);
-                continue;
-            }
-        };
+            };
 
         // A replay of any length, streamed; the connection stays usable after it.
         if route == route::Route::Stream {
@@ -617,12 +719,21 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                         stream = std::mem::size_of::<TcpStream>(),
                         "SSE task state"
                     );
-                    glommio::spawn_local(fut).detach();
+                    // The subscription keeps the connection's place until it ends.
+                    glommio::spawn_local(async move {
+                        fut.await;
+                        drop(permit);
+                    })
+                    .detach();
                     return;
                 }
                 Err(e) => {
                     e.write(&mut out, keep_alive);
                     add_cors(&mut out, answer_start, cors.as_deref());
+                    if !keep_alive {
+                        let _ = flush(&mut stream, &mut out).await;
+                        return;
+                    }
                     rb.consume(head.head_len);
                     continue;
                 }

@@ -4,10 +4,10 @@
 //! The data path, one module per stage:
 //!
 //! ```text
-//!  client ──TCP──▶ accept   one SO_REUSEPORT socket per shard, one shard per core
-//!                   │
-//!                  http     parse, keep-alive, pipelining, timeouts, JSON errors
-//!                   │
+//!  client ──TCP──▶ accept   one SO_REUSEPORT socket per shard, one shard per core;
+//!                   │        connection cap (503 beyond it, request unread)
+//!                  http     parse, keep-alive, pipelining, timeouts, JSON errors;
+//!                   │        per-client rate limit (ratelimit: 429 + Retry-After)
 //!                  route    endpoint, key → tenant + role (tenant), limits;
 //!                   │         parse events (event)
 //!                   │         ├─ lookups: LMDB index (index), no locks
@@ -41,6 +41,7 @@ pub mod http;
 pub mod ids;
 pub mod index;
 pub mod limits;
+pub mod ratelimit;
 pub mod reader;
 pub mod replay;
 pub mod route;

@@ -65,7 +65,7 @@ pub fn run(cfg: Config, reload: LoadConfig) -> Result<(), StartError> {
     // Every connection is a descriptor; 10,000 subscribers need more than the
     // usual soft limit of 1,024. The hard limit is the administrator's word.
     let nofile = raise_nofile();
-    let wanted = cfg.sse.max_connections + 1024;
+    let wanted = cfg.server.max_connections + 1024;
     if (nofile as usize) < wanted {
         tracing::warn!(
             nofile,

@@ -73,6 +73,24 @@ fn connection_close_is_honoured() {
     c.send_raw(b"GET /health HTTP/1.0\r\n\r\n");
     assert_eq!(c.read_response().unwrap().status, 200);
     assert!(c.is_closed_by_server(Duration::from_secs(5)));
+    // Error answers and preflights close too (they used to wait for the idle timeout).
+    for (method, path) in [
+        ("GET", "/nowhere"),
+        ("DELETE", "/position"),
+        ("OPTIONS", "/events"),
+    ] {
+        let mut c = s.conn();
+        let r = c.request(method, path, &[("Connection", "close")], b"");
+        assert!(
+            r.status == 404 || r.status == 405 || r.status == 204,
+            "{}",
+            r.status
+        );
+        assert!(
+            c.is_closed_by_server(Duration::from_secs(5)),
+            "{method} {path}"
+        );
+    }
 }
 
 #[test]

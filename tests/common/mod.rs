@@ -50,11 +50,19 @@ pub struct Server {
     pub dir: PathBuf,
     pub env: Vec<(String, String)>,
     pub stderr_path: PathBuf,
+    /// RLIMIT_NOFILE (soft and hard) for the process, when set.
+    pub nofile: Option<u64>,
 }
 
 impl Server {
     /// Start with data in `dir` and these extra environment variables.
     pub fn start(dir: &Path, env: &[(&str, &str)]) -> Server {
+        Server::start_with_nofile(dir, env, None)
+    }
+
+    /// Start with RLIMIT_NOFILE lowered to `nofile` (soft and hard, so the
+    /// server cannot raise it back).
+    pub fn start_with_nofile(dir: &Path, env: &[(&str, &str)], nofile: Option<u64>) -> Server {
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -65,6 +73,7 @@ impl Server {
             dir: dir.to_path_buf(),
             env,
             stderr_path: dir.join("stderr.log"),
+            nofile,
         };
         s.spawn();
         s
@@ -78,6 +87,9 @@ impl Server {
             .env("PORT", "0")
             .env("DB_PATH", dir.join("events.db"))
             .env("SHARDCAST_SERVER_SHUTDOWN_TIMEOUT", "10s")
+            // Tests send many requests from one address; tests/admission.rs
+            // turns the rate limit back on (RATE_LIMIT or SHARDCAST_RATE_LIMIT_*).
+            .env("RATE_LIMIT", "0")
             .env("RUST_LOG", "info");
         for (k, v) in env {
             cmd.env(k, v);
@@ -91,7 +103,24 @@ impl Server {
             .append(true)
             .open(&self.stderr_path)
             .unwrap();
-        let mut child = Server::command(&self.dir, &self.env)
+        let mut cmd = Server::command(&self.dir, &self.env);
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; the closure allocates nothing.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let r = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
