@@ -369,6 +369,147 @@ impl Index {
     }
 }
 
+/// What `shardcast check` found.
+#[derive(Debug, Default)]
+pub struct Verification {
+    pub sqlite_head: u64,
+    pub index_head: u64,
+    pub events: u64,
+    /// Each way the index differs from SQLite (the first `VERIFY_REPORT_MAX`).
+    pub problems: Vec<String>,
+    /// How many differences in all.
+    pub differences: u64,
+}
+
+/// Differences `verify` describes one by one; beyond, it only counts.
+const VERIFY_REPORT_MAX: usize = 20;
+
+impl Verification {
+    fn note(&mut self, what: String) {
+        self.differences += 1;
+        if self.problems.len() < VERIFY_REPORT_MAX {
+            self.problems.push(what);
+        }
+    }
+
+    pub fn in_step(&self) -> bool {
+        self.differences == 0
+    }
+}
+
+impl Index {
+    /// Open an existing index to check it: nothing is created, repaired or
+    /// rebuilt (a running server may have it open: LMDB allows that).
+    pub fn open_for_check(cfg: &IndexConfig) -> Result<Index, IndexError> {
+        if !cfg.path.join("data.mdb").exists() {
+            return Err(IndexError::Io(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!(
+                    "no index at {} (shardcast builds it at start)",
+                    cfg.path.display()
+                ),
+            )));
+        }
+        Index::open(cfg)
+    }
+
+    /// Compare every entry with SQLite: each event's id and (stream,
+    /// version), each stream's last version, the head, the consumer
+    /// positions, and nothing indexed that SQLite does not hold.
+    pub fn verify(&self, conn: &Connection) -> Result<Verification, IndexError> {
+        let mut v = Verification::default();
+        // One read snapshot of each, so a running server's commits do not
+        // show up as differences half-way.
+        conn.execute_batch("BEGIN")?;
+        let r = self.env.read_txn()?;
+        v.sqlite_head = crate::storage::head(conn)?;
+        v.index_head = self.meta.get(&r, META_HEAD)?.unwrap_or(0);
+        let format = self.meta.get(&r, META_FORMAT)?;
+        if format != Some(INDEX_FORMAT) {
+            v.note(format!("index format {format:?}, expected {INDEX_FORMAT}"));
+        }
+        if v.index_head != v.sqlite_head {
+            v.note(format!(
+                    "index head {} but SQLite head {} (a running server may be a commit ahead in SQLite)",
+                    v.index_head, v.sqlite_head
+                ),
+            );
+        }
+        let low = crate::storage::low(conn)?;
+        let mut stream_rows = 0u64;
+        let mut last_version: std::collections::HashMap<String, u64> = Default::default();
+        {
+            let mut stmt = conn.prepare(
+                "SELECT position, id, stream, stream_version FROM events ORDER BY position",
+            )?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                let pos = row.get::<_, i64>(0)? as u64;
+                let id: String = row.get(1)?;
+                v.events += 1;
+                match self.ids.get(&r, id.as_bytes())? {
+                    Some(p) if p == pos => {}
+                    other => v.note(format!(
+                        "id {id:?} at position {pos} is indexed as {other:?}"
+                    )),
+                }
+                if let (Some(s), Some(ver)) = (
+                    row.get::<_, Option<String>>(2)?,
+                    row.get::<_, Option<i64>>(3)?,
+                ) {
+                    let ver = ver as u64;
+                    stream_rows += 1;
+                    match self.stream_events.get(&r, &stream_key(&s, ver))? {
+                        Some(p) if p == pos => {}
+                        other => v.note(format!(
+                            "stream {s:?} version {ver} (position {pos}) is indexed as {other:?}"
+                        )),
+                    }
+                    let e = last_version.entry(s).or_insert(0);
+                    *e = (*e).max(ver);
+                }
+            }
+        }
+        let ids = self.ids.len(&r)?;
+        if ids != v.events {
+            v.note(format!("{ids} ids indexed for {} stored events", v.events));
+        }
+        let indexed_stream_events = self.stream_events.len(&r)?;
+        if indexed_stream_events != stream_rows {
+            v.note(format!("{indexed_stream_events} stream entries indexed for {stream_rows} stored stream events"),
+            );
+        }
+        for (s, ver) in &last_version {
+            let indexed = self.streams.get(&r, s.as_bytes())?.unwrap_or(0);
+            // Pruning keeps a stream's version counting; without it they are equal.
+            if indexed < *ver || (indexed != *ver && low <= 1) {
+                v.note(format!(
+                    "stream {s:?} is at version {ver} in SQLite, {indexed} in the index"
+                ));
+            }
+        }
+        let consumers = crate::storage::consumers(conn)?;
+        for (id, p) in &consumers {
+            match self.consumers.get(&r, id.as_bytes())? {
+                Some(q) if q == *p => {}
+                other => v.note(format!(
+                    "consumer {id:?} is at {p} in SQLite, {other:?} in the index"
+                )),
+            }
+        }
+        let indexed_consumers = self.consumers.len(&r)?;
+        if indexed_consumers != consumers.len() as u64 {
+            v.note(format!(
+                "{indexed_consumers} consumers indexed, {} stored",
+                consumers.len()
+            ));
+        }
+        drop(r);
+        conn.execute_batch("COMMIT")?;
+        Ok(v)
+    }
+}
+
 enum Diagnosis {
     Behind(u64),
     Rebuild(String),

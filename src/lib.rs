@@ -35,6 +35,7 @@
 pub mod accept;
 pub mod bench;
 pub mod checkpoint;
+pub mod cli;
 pub mod config;
 pub mod event;
 pub mod http;

@@ -22,23 +22,66 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server (the default when no command is given).
-    Serve {
-        /// TOML config file; without it the embedded default is used
-        /// (127.0.0.1:8080, data in ./data). Environment variables override both.
-        /// (A `.yaml`/`.yml` file here is taken as `--tenants`, as ebuse's
-        /// `-config tenants.yaml`.)
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-        /// Multi-tenant mode: ebuse's tenants.yaml (data_dir, tenants: [{name,
-        /// api_key}]); reloaded on SIGHUP.
+    Serve(ConfigArgs),
+    /// Check each database (SQLite quick_check) and its LMDB index against it.
+    /// Exit code: 0 in step, 1 an index out of step (the next start repairs
+    /// it), 2 bad usage or config, 3 a database damaged or missing.
+    Check {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Only this tenant (multi-tenant mode).
         #[arg(long)]
-        tenants: Option<PathBuf>,
+        tenant: Option<String>,
     },
+    /// Copy a database online, through SQLite's backup API, as of the moment
+    /// the backup starts; the server keeps running. Restore: docs/operations.md.
+    Backup {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The copy to write (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// The tenant to back up (required in multi-tenant mode).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Print the effective configuration and where each value came from
+    /// (default, file or environment variable); secrets are not shown.
+    Config(ConfigArgs),
     /// Load tools for measuring a running server (see docs/benchmarks.md).
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
     },
+}
+
+/// Where the configuration comes from (for every command that reads it).
+#[derive(clap::Args, Clone, Default)]
+struct ConfigArgs {
+    /// TOML config file; without it the embedded default is used
+    /// (127.0.0.1:8080, data in ./data). Environment variables override both.
+    /// (A `.yaml`/`.yml` file here is taken as `--tenants`, as ebuse's
+    /// `-config tenants.yaml`.)
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Multi-tenant mode: ebuse's tenants.yaml (data_dir, tenants: [{name,
+    /// api_key}]); reloaded on SIGHUP.
+    #[arg(long)]
+    tenants: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    /// The TOML file and the tenants file these name.
+    fn files(self) -> (Option<PathBuf>, Option<PathBuf>) {
+        let yaml = self.config.as_ref().is_some_and(|c| {
+            matches!(c.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+        });
+        if yaml {
+            (None, self.config)
+        } else {
+            (self.config, self.tenants)
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -131,25 +174,86 @@ impl shardcast::config::Env for CliEnv {
     }
 }
 
+/// Load the configuration for a one-shot command; None (said on stderr) when it does not load.
+fn load_once(args: ConfigArgs) -> Option<Config> {
+    let (file, tenants_file) = args.files();
+    match Config::load(file.as_deref(), &CliEnv { tenants_file }) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("shardcast: {e}");
+            None
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     install_panic_hook();
-    let (config_file, tenants_file) = match cli.command {
-        None => (None, None),
-        Some(Command::Serve { config, tenants }) => {
-            let yaml = config.as_ref().is_some_and(|c| {
-                matches!(c.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
-            });
-            if yaml {
-                (None, config)
-            } else {
-                (config, tenants)
-            }
+    let args = match cli.command {
+        None => ConfigArgs::default(),
+        Some(Command::Serve(args)) => args,
+        Some(Command::Check { config, tenant }) => {
+            let Some(cfg) = load_once(config) else {
+                return ExitCode::from(shardcast::cli::exit::USAGE);
+            };
+            let code = shardcast::cli::check(&cfg, tenant.as_deref(), &mut std::io::stdout());
+            return ExitCode::from(code);
+        }
+        Some(Command::Backup {
+            config,
+            out,
+            tenant,
+        }) => {
+            let Some(cfg) = load_once(config) else {
+                return ExitCode::from(2);
+            };
+            let source = match shardcast::cli::backup_source(&cfg, tenant.as_deref()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("shardcast backup: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            eprintln!(
+                "backing up {} ({}) to {}",
+                source.name,
+                source.database.path.display(),
+                out.display()
+            );
+            return match shardcast::cli::backup(&source.database.path, &out, &mut std::io::stderr())
+            {
+                Ok(r) => {
+                    println!(
+                        "backup of {} complete: {} events up to position {}, {} pages, {:.2} s",
+                        source.name, r.events, r.head, r.pages, r.seconds
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("shardcast backup: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        Some(Command::Config(args)) => {
+            let (file, tenants_file) = args.files();
+            return match shardcast::cli::print_config(
+                file.as_deref(),
+                &CliEnv { tenants_file },
+                &mut std::io::stdout(),
+            ) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("shardcast config: {e}");
+                    ExitCode::from(2)
+                }
+            };
         }
         Some(Command::Bench {
             what: BenchCommand::Sse(a),
         }) => return bench_sse(a),
     };
+    let (config_file, tenants_file) = args.files();
     // `--tenants` is `auth.tenants_file`, above the file and the environment.
     let load = move || {
         Config::load(
