@@ -123,6 +123,11 @@ impl Admission {
         self.open.get()
     }
 
+    /// Connections refused at the cap so far.
+    pub fn refused(&self) -> u64 {
+        self.refused.get()
+    }
+
     /// Count a new connection in, or None when the shard is at its cap.
     fn admit(self: &Rc<Self>) -> Option<Permit> {
         if self.open.get() >= self.max_open {
@@ -210,7 +215,7 @@ async fn sweep_loop(admission: Rc<Admission>) {
 /// kernel's backlog: the loop sleeps 50 ms between attempts (no spinning),
 /// warns at most once a second, and resumes as soon as descriptors are free.
 pub async fn accept_loop(shard: Rc<Shard>, listener: glommio::net::TcpListener) {
-    let admission = Rc::new(Admission::new(&shard.cfg));
+    let admission = shard.admission.clone();
     // Cancelled with this loop: dropping a glommio task cancels it.
     let _sweeper = admission
         .limiter

@@ -37,10 +37,21 @@ const BUSY_POLL: std::time::Duration = std::time::Duration::from_micros(200);
 /// only while the writer is blocked on a lock, never on the request path.
 static BUSY_TRIES_MAX: AtomicI32 = AtomicI32::new(25_000);
 
+thread_local! {
+    /// Times the calling thread (the writer) waited on a lock: a metric.
+    static BUSY_RETRIES: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The writer's busy retries so far (call on the writer's thread).
+pub fn busy_retries() -> u64 {
+    BUSY_RETRIES.with(|c| c.get())
+}
+
 fn writer_busy(tries: i32) -> bool {
     if tries >= BUSY_TRIES_MAX.load(Ordering::Relaxed) {
         return false;
     }
+    BUSY_RETRIES.with(|c| c.set(c.get() + 1));
     std::thread::sleep(BUSY_POLL);
     true
 }

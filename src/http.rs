@@ -80,6 +80,8 @@ pub struct RequestHead {
     pub origin: Option<Range<usize>>,
     /// `Accept-Encoding` allows gzip.
     pub accept_gzip: bool,
+    /// `Accept` names `application/json` (`GET /metrics` answers JSON then).
+    pub accept_json: bool,
     /// An `X-Forwarded-For` header is present (read only from trusted proxies).
     pub forwarded_for: bool,
 }
@@ -326,6 +328,7 @@ pub fn parse_head(buf: &[u8], max_header_bytes: usize) -> Parsed {
         last_event_id: None,
         origin: None,
         accept_gzip: false,
+        accept_json: false,
         forwarded_for: false,
     };
     for h in req.headers.iter() {
@@ -391,6 +394,10 @@ pub fn parse_head(buf: &[u8], max_header_bytes: usize) -> Parsed {
                 });
                 (name.eq_ignore_ascii_case(b"gzip") || name == b"*") && !refused
             });
+        } else if name.eq_ignore_ascii_case("accept") {
+            head.accept_json = value
+                .windows(b"application/json".len())
+                .any(|w| w.eq_ignore_ascii_case(b"application/json"));
         } else if name.eq_ignore_ascii_case("origin") {
             head.origin = Some(range_of(buf, value));
         } else if name.eq_ignore_ascii_case("last-event-id") {
@@ -643,6 +650,14 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
             match limited.and_then(|()| route::resolve(&shard, &head, path, pending)) {
                 Ok(r) => r,
                 Err(e) => {
+                    if e.status == 429 {
+                        shard.metrics.rate_limited();
+                    }
+                    shard.metrics.request(
+                        crate::metrics::OTHER,
+                        e.status,
+                        request_started.elapsed().as_micros() as u64,
+                    );
                     // A body we will not read cannot be skipped safely unless it is here already.
                     let body_len = head.content_length.unwrap_or(0);
                     // `Connection: close` (or HTTP/1.0) is honoured for errors too.
@@ -663,6 +678,11 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
 
         // A replay of any length, streamed; the connection stays usable after it.
         if route == route::Route::Stream {
+            shard.metrics.request(
+                route.metric_index(),
+                200,
+                request_started.elapsed().as_micros() as u64,
+            );
             let query = std::str::from_utf8(&rb.pending()[head.query.clone()])
                 .unwrap_or("")
                 .to_string();
@@ -698,7 +718,13 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
                 .clone()
                 .map(|r| String::from_utf8_lossy(&pending[r]).into_owned());
             let key = route::presented_key(&shard, &head, query, pending);
-            match crate::sse::subscription(query, last_id.as_deref(), key.as_deref()) {
+            let parsed = crate::sse::subscription(query, last_id.as_deref(), key.as_deref());
+            shard.metrics.request(
+                route.metric_index(),
+                parsed.as_ref().map_or_else(|e| e.status, |_| 200),
+                request_started.elapsed().as_micros() as u64,
+            );
+            match parsed {
                 Ok(mut sub) => {
                     sub.cors = cors;
                     if flush(&mut stream, &mut out).await.is_err() {
@@ -789,6 +815,11 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
             keep_alive,
         )
         .await;
+        shard.metrics.request(
+            route.metric_index(),
+            status_of(&out[answer_start..]),
+            request_started.elapsed().as_micros() as u64,
+        );
         add_cors(&mut out, answer_start, cors.as_deref());
         rb.consume(head.head_len + body_len);
         if close || !keep_alive {
@@ -900,6 +931,15 @@ async fn read_more(
         }
         Err(_) => Err(ReadErr::Io),
     }
+}
+
+/// The status code of an answer written into a buffer (`HTTP/1.1 NNN …`).
+fn status_of(answer: &[u8]) -> u16 {
+    answer
+        .get(9..12)
+        .and_then(|d| std::str::from_utf8(d).ok())
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

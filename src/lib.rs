@@ -42,6 +42,7 @@ pub mod http;
 pub mod ids;
 pub mod index;
 pub mod limits;
+pub mod metrics;
 pub mod ratelimit;
 pub mod reader;
 pub mod replay;

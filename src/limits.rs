@@ -22,3 +22,5 @@ pub const INDEX_REBUILD_ROWS_PER_TXN: usize = 100_000;
 pub const PRUNE_ROWS_PER_COMMIT: u64 = 1000;
 /// Shortest API key accepted (any kind: tenant, read-only, admin).
 pub const API_KEY_BYTES_MIN: usize = 8;
+/// Readiness fails when the database's disk has less free than this.
+pub const READY_DISK_FREE_BYTES_MIN: u64 = 64 * 1024 * 1024;

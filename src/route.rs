@@ -31,14 +31,35 @@ pub enum Route {
     ConsumerSet,
     /// `GET /tenants`: the admin key only.
     Tenants,
+    /// `GET /metrics`: Prometheus text, or ebuse's JSON.
+    Metrics,
 }
 
 impl Route {
+    /// Index of this route's label in `metrics::ENDPOINTS`.
+    pub fn metric_index(self) -> usize {
+        match self {
+            Route::Health => 0,
+            Route::Position => 1,
+            Route::AppendOne => 2,
+            Route::AppendBatch => 3,
+            Route::Subscribe => 4,
+            Route::Load => 5,
+            Route::Stream => 6,
+            Route::StreamRead => 7,
+            Route::ConsumerGet => 8,
+            Route::ConsumerSet => 9,
+            Route::Tenants => 10,
+            Route::Metrics => 11,
+        }
+    }
+
     /// What the caller's key must allow.
     fn needs(self) -> Access {
         match self {
             Route::AppendOne | Route::AppendBatch | Route::ConsumerSet => Access::WRITE,
             Route::Tenants => Access::ADMIN,
+            Route::Metrics => Access::READ,
             _ => Access::READ,
         }
     }
@@ -106,6 +127,7 @@ pub fn is_endpoint(path: &str) -> bool {
         path,
         "/health"
             | "/tenants"
+            | "/metrics"
             | "/position"
             | "/events"
             | "/events/batch"
@@ -160,6 +182,7 @@ pub fn resolve(
     let route = match path {
         "/health" => get(Route::Health)?,
         "/tenants" => get(Route::Tenants)?,
+        "/metrics" => get(Route::Metrics)?,
         "/position" => get(Route::Position)?,
         "/events" => match m {
             Method::Post => Route::AppendOne,
@@ -213,7 +236,7 @@ pub fn resolve(
                 }
                 Some(t)
             }
-            Caller::Admin if route == Route::Tenants => None,
+            Caller::Admin if matches!(route, Route::Tenants | Route::Metrics) => None,
             Caller::Admin => {
                 return Err(forbidden(
                     "the admin key holds no tenant's events: use a tenant's key",
@@ -290,11 +313,9 @@ pub async fn handle(
     let body = &req[head.head_len..];
     let is_head = head.method == Method::Head;
     let result = match (route, tenant) {
-        (Route::Health, _) => {
-            json_ok(out, br#"{"status":"healthy"}"#, keep_alive, is_head);
-            Ok(())
-        }
+        (Route::Health, _) => health(shard, head, req, out, keep_alive, is_head).await,
         (Route::Tenants, _) => tenants(shard, out, keep_alive, is_head),
+        (Route::Metrics, t) => metrics(shard, t, head, req, out, keep_alive, is_head).await,
         (Route::Position, Some(t)) => position(t, out, keep_alive, is_head),
         (Route::Load, Some(t)) => load(shard, t, head, req, out, keep_alive, is_head).await,
         (Route::StreamRead, Some(t)) => {
@@ -335,6 +356,173 @@ fn json_ok(out: &mut Vec<u8>, body: &[u8], keep_alive: bool, is_head: bool) {
     } else {
         write_response(out, 200, JSON, &[], body, keep_alive);
     }
+}
+
+/// How long a scrape or a readiness check waits for a shard or the writer.
+const ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Ask over a control channel and wait (bounded) for the answer.
+async fn ask<T, M>(tx: &flume::Sender<M>, make: impl FnOnce(flume::Sender<T>) -> M) -> Option<T> {
+    let (reply, answer) = flume::bounded(1);
+    tx.try_send(make(reply)).ok()?;
+    let timeout = glommio::timer::Timer::new(ASK_TIMEOUT);
+    futures_lite::future::or(async { answer.recv_async().await.ok() }, async {
+        timeout.await;
+        None
+    })
+    .await
+}
+
+/// `GET /health`: liveness (this shard answers). `?mode=readiness`: the
+/// writer answers, and every tenant's storage can take appends (the last
+/// commit did not fail, the write lock can be taken, the index is at the
+/// head, the disk has room); else 503 with the reasons.
+async fn health(
+    shard: &Shard,
+    head: &RequestHead,
+    req: &[u8],
+    out: &mut Vec<u8>,
+    keep_alive: bool,
+    is_head: bool,
+) -> Result<(), ApiError> {
+    let q = Query(std::str::from_utf8(&req[head.query.clone()]).unwrap_or(""));
+    match q.get("mode").as_deref() {
+        None | Some("liveness") => {
+            json_ok(out, br#"{"status":"healthy"}"#, keep_alive, is_head);
+            Ok(())
+        }
+        Some("readiness") => {
+            let checks = ask(&shard.writer_control, crate::writer::WriterControl::Ready).await;
+            let Some(checks) = checks else {
+                return Err(not_ready(shard, "the writer does not answer".into()));
+            };
+            // Unauthenticated: tenants' names only to the admin key.
+            let query = std::str::from_utf8(&req[head.query.clone()]).unwrap_or("");
+            let key = presented_key(shard, head, query, req).unwrap_or_default();
+            let named =
+                shard.tenant_names().is_none() || matches!(shard.caller(&key), Caller::Admin);
+            let name = |n: &str| {
+                if named {
+                    format!("{n}: ")
+                } else {
+                    "a tenant: ".into()
+                }
+            };
+            let unavailable: Vec<String> = shard
+                .tenant_unavailable()
+                .into_iter()
+                .map(|(n, why)| format!("{}{why}", name(&n)))
+                .collect();
+            let failing: Vec<String> = checks
+                .iter()
+                .filter_map(|(n, r)| r.as_ref().err().map(|e| format!("{}{e}", name(n))))
+                .chain(unavailable)
+                .collect();
+            if !failing.is_empty() {
+                return Err(not_ready(shard, failing.join("; ")));
+            }
+            let body = serde_json::json!({"status": "ready", "tenants": checks.len()}).to_string();
+            json_ok(out, body.as_bytes(), keep_alive, is_head);
+            Ok(())
+        }
+        Some(other) => Err(invalid("mode", other, "liveness or readiness")),
+    }
+}
+
+fn not_ready(shard: &Shard, why: String) -> ApiError {
+    retry_later(shard, "not_ready", format!("not ready: {why}"))
+}
+
+/// `GET /metrics`: every shard's and the writer's counters, summed now.
+/// Prometheus text; ebuse's JSON with `Accept: application/json` or
+/// `?format=json`. A tenant's key sees its tenant's series only.
+async fn metrics(
+    shard: &Shard,
+    tenant: Option<&Tenant>,
+    head: &RequestHead,
+    req: &[u8],
+    out: &mut Vec<u8>,
+    keep_alive: bool,
+    is_head: bool,
+) -> Result<(), ApiError> {
+    let q = Query(std::str::from_utf8(&req[head.query.clone()]).unwrap_or(""));
+    let json = q.get("format").as_deref() == Some("json") || head.accept_json;
+    let mut shards = Vec::with_capacity(shard.peers.len());
+    for peer in &shard.peers {
+        // A shard that is draining does not answer: its counters are left out.
+        if let Some(s) = ask(peer, crate::shard::Control::Metrics).await {
+            shards.push(s);
+        }
+    }
+    let writer = ask(&shard.writer_control, crate::writer::WriterControl::Metrics).await;
+    // In single-tenant mode the one tenant's key (admin or read) sees everything.
+    let only = tenant
+        .filter(|_| shard.tenant_names().is_some())
+        .map(|t| t.id());
+    if json {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let tenants = writer
+            .as_ref()
+            .map(|w| w.tenants.clone())
+            .unwrap_or_default();
+        let per = |t: &crate::metrics::WriterTenant| {
+            let sse: u64 = shards
+                .iter()
+                .flat_map(|s| s.tenants.iter())
+                .filter(|s| s.id == t.id)
+                .map(|s| s.sse_connections)
+                .sum();
+            serde_json::json!({
+                "tenant": t.name,
+                "total_events": t.head,
+                "events_appended": t.events_appended,
+                "sse_connections": sse,
+            })
+        };
+        let body = match (tenant, shard.tenant_names().is_some()) {
+            // ebuse: the tenant's own figures, named in multi-tenant mode.
+            (Some(t), multi) => {
+                let mut v = tenants
+                    .iter()
+                    .find(|w| w.id == t.id())
+                    .map(per)
+                    .unwrap_or_else(
+                        || serde_json::json!({"total_events": t.index.head().unwrap_or(0)}),
+                    );
+                v["timestamp"] = now.into();
+                if !multi {
+                    if let Some(o) = v.as_object_mut() {
+                        o.remove("tenant");
+                    }
+                }
+                v
+            }
+            (None, _) => serde_json::json!({
+                "timestamp": now,
+                "total_events": tenants.iter().map(|t| t.head).sum::<u64>(),
+                "tenants": tenants.iter().map(per).collect::<Vec<_>>(),
+            }),
+        };
+        json_ok(out, body.to_string().as_bytes(), keep_alive, is_head);
+        return Ok(());
+    }
+    let process = crate::metrics::ProcessSnapshot::read(shard.started);
+    let text = crate::metrics::render(&shards, writer.as_ref(), &process, only);
+    write_response(
+        out,
+        200,
+        "text/plain; version=0.0.4; charset=utf-8",
+        &[],
+        text.as_bytes(),
+        keep_alive,
+    );
+    if is_head {
+        out.truncate(out.len() - text.len());
+    }
+    Ok(())
 }
 
 /// `GET /tenants`, as ebuse answers it: `{"tenants": [...], "count": n}`.

@@ -58,6 +58,22 @@ pub fn raise_nofile() -> u64 {
 /// Reads the configuration again (files and environment) for a reload.
 pub type LoadConfig = Box<dyn Fn() -> Result<Config, String> + Send>;
 
+/// RLIMIT_MEMLOCK's soft limit in bytes (u64::MAX when unlimited).
+fn memlock_limit() -> u64 {
+    // SAFETY: getrlimit writes the struct we pass.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) != 0 {
+            return u64::MAX;
+        }
+        if r.rlim_cur == libc::RLIM_INFINITY {
+            u64::MAX
+        } else {
+            r.rlim_cur
+        }
+    }
+}
+
 /// Run the server until a shutdown signal; returns once everything stopped.
 /// `reload` is called on SIGHUP: tenants and keys change, the rest needs a restart.
 pub fn run(cfg: Config, reload: LoadConfig) -> Result<(), StartError> {
@@ -65,6 +81,17 @@ pub fn run(cfg: Config, reload: LoadConfig) -> Result<(), StartError> {
     // Every connection is a descriptor; 10,000 subscribers need more than the
     // usual soft limit of 1,024. The hard limit is the administrator's word.
     let nofile = raise_nofile();
+    // io_uring's registered buffers are locked memory: each shard needs its
+    // `io_memory_bytes` under RLIMIT_MEMLOCK, or its executor fails to start.
+    let memlock = memlock_limit();
+    let memlock_wanted = (cfg.server.shards * cfg.server.io_memory_bytes) as u64;
+    if memlock < memlock_wanted {
+        tracing::warn!(
+            memlock,
+            wanted = memlock_wanted,
+            "RLIMIT_MEMLOCK is below shards × server.io_memory_bytes: lower io_memory_bytes or raise LimitMEMLOCK"
+        );
+    }
     let wanted = cfg.server.max_connections + 1024;
     if (nofile as usize) < wanted {
         tracing::warn!(
@@ -117,6 +144,7 @@ pub fn run(cfg: Config, reload: LoadConfig) -> Result<(), StartError> {
         control_rxs.push(r);
     }
 
+    let started = std::time::SystemTime::now();
     let reader_pool = crate::reader::ReaderPool::start(cfg.database.read_connections)
         .map_err(|e| start_err("cannot start the reader threads", e))?;
     let writer = Writer::new(stores, writer_rx, writer_control_rx, reply_txs, &cfg);
@@ -148,6 +176,9 @@ pub fn run(cfg: Config, reload: LoadConfig) -> Result<(), StartError> {
             control,
             tenants: set.clone(),
             readers: reader_pool.handle(),
+            peers: control_txs.clone(),
+            writer_control: writer_control.clone(),
+            started,
         };
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{id}"))

@@ -33,6 +33,14 @@ pub struct Shard {
     tenants: RefCell<ShardTenants>,
     /// Where tenants' read handles come from.
     reader_pool: ReaderHandle,
+    /// This shard's request counters (summed with the others' when scraped).
+    pub metrics: crate::metrics::ShardMetrics,
+    /// Connection cap and rate limiter.
+    pub admission: Rc<crate::accept::Admission>,
+    /// Every shard's control channel (this one's included), for scrapes.
+    pub peers: Vec<flume::Sender<Control>>,
+    pub writer_control: flume::Sender<crate::writer::WriterControl>,
+    pub started: std::time::SystemTime,
 }
 
 /// A tenant as one shard holds it: a handle on its index and reads, and
@@ -125,6 +133,45 @@ impl Shard {
             gone.fanout.close();
         }
         *t = ShardTenants { set, local };
+    }
+
+    /// This shard's counters, for a scrape.
+    fn snapshot(&self) -> crate::metrics::ShardSnapshot {
+        let mut tenants: Vec<_> = self
+            .each_tenant()
+            .iter()
+            .map(|t| crate::metrics::ShardTenant {
+                id: t.id(),
+                sse_connections: t.fanout.subscribers.get() as u64,
+                delivered: t.fanout.delivered.get(),
+                slow_clients: t.fanout.slow_clients.get(),
+            })
+            .collect();
+        tenants.sort_by_key(|t| t.id);
+        crate::metrics::ShardSnapshot {
+            shard: self.id,
+            requests: self.metrics.snapshot(),
+            open_connections: self.admission.open() as u64,
+            connections_refused: self.admission.refused(),
+            tracked_addresses: self
+                .admission
+                .limiter
+                .as_ref()
+                .map_or(0, |l| l.tracked() as u64),
+            writer_in_flight: self.writer.in_flight() as u64,
+            tenants,
+        }
+    }
+
+    /// Tenants whose storage could not be opened, and why.
+    pub fn tenant_unavailable(&self) -> Vec<(String, String)> {
+        self.tenants
+            .borrow()
+            .set
+            .tenants
+            .iter()
+            .filter_map(|t| Some((t.name.clone(), t.unavailable.clone()?)))
+            .collect()
     }
 
     /// Every tenant this shard holds (for the heartbeat).
@@ -406,6 +453,8 @@ pub enum Control {
     },
     /// A reload: these tenants and keys from now on.
     Tenants(Arc<TenantSet>),
+    /// A scrape: this shard's counters.
+    Metrics(flume::Sender<crate::metrics::ShardSnapshot>),
 }
 
 pub struct ShardParts {
@@ -417,6 +466,9 @@ pub struct ShardParts {
     pub control: flume::Receiver<Control>,
     pub tenants: Arc<TenantSet>,
     pub readers: ReaderHandle,
+    pub peers: Vec<flume::Sender<Control>>,
+    pub writer_control: flume::Sender<crate::writer::WriterControl>,
+    pub started: std::time::SystemTime,
 }
 
 /// The body of one shard's executor: accept and serve until told to stop,
@@ -432,9 +484,13 @@ pub async fn run(parts: ShardParts) {
         control,
         tenants,
         readers,
+        peers,
+        writer_control,
+        started,
     } = parts;
     // SAFETY: the fd is a bound, listening TCP socket made for this shard alone.
     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener_fd) };
+    let cfg_admission = cfg.clone();
     let shard = Rc::new(Shard {
         id,
         writer: WriterClient::new(id, to_writer, &cfg),
@@ -447,6 +503,11 @@ pub async fn run(parts: ShardParts) {
             local: HashMap::new(),
         }),
         reader_pool: readers,
+        admission: Rc::new(crate::accept::Admission::new(&cfg_admission)),
+        metrics: Default::default(),
+        peers,
+        writer_control,
+        started,
     });
     shard.install(tenants);
 
@@ -482,6 +543,9 @@ pub async fn run(parts: ShardParts) {
     let deadline = loop {
         match control.recv_async().await {
             Ok(Control::Tenants(set)) => shard.install(set),
+            Ok(Control::Metrics(reply)) => {
+                let _ = reply.try_send(shard.snapshot());
+            }
             Ok(Control::Shutdown { deadline }) => break deadline,
             Err(_) => break Instant::now() + shard.cfg.server.shutdown_timeout,
         }

@@ -15,6 +15,7 @@ use crate::storage;
 use crate::tenant::TenantId;
 use rusqlite::{Connection, TransactionBehavior};
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -115,6 +116,10 @@ pub enum WriterControl {
         id: TenantId,
         done: flume::Sender<()>,
     },
+    /// A scrape: the writer's counters.
+    Metrics(flume::Sender<crate::metrics::WriterSnapshot>),
+    /// Readiness: each tenant's storage, ready or why not.
+    Ready(flume::Sender<Vec<(String, Result<(), String>)>>),
 }
 
 /// One tenant's storage, owned by the writer thread: its SQLite connection
@@ -135,6 +140,11 @@ pub struct Store {
     /// Lowest stored position: where pruning continues.
     low: u64,
     _lock: storage::DbLock,
+    events_appended: u64,
+    commits: u64,
+    commit_failures: u64,
+    /// Why the last commit failed, until one succeeds (readiness says so).
+    last_failure: Option<String>,
 }
 
 impl Store {
@@ -180,6 +190,10 @@ impl Store {
                 retain_events: cfg.storage.retain_events,
                 low,
                 _lock: lock,
+                events_appended: 0,
+                commits: 0,
+                commit_failures: 0,
+                last_failure: None,
             },
             index,
         ))
@@ -226,11 +240,22 @@ impl Store {
                 for (shard, ticket, outcome) in replies {
                     answers[shard].push((ticket, outcome));
                 }
+                if written > 0 {
+                    self.commits += 1;
+                    self.events_appended += written as u64;
+                }
+                self.last_failure = None;
                 committed
             }
             Err(e) => {
                 tracing::error!(tenant = %self.name, error = %e.message, "group commit failed; nothing of it was written");
                 self.head = before;
+                self.commit_failures += 1;
+                self.last_failure = Some(if e.full {
+                    format!("storage full: {}", e.message)
+                } else {
+                    e.message.clone()
+                });
                 for (shard, ticket) in tickets {
                     answers[shard].push((
                         ticket,
@@ -333,6 +358,34 @@ impl Store {
         Ok(written)
     }
 
+    /// Ready to take appends: the last commit (if any failed) succeeded
+    /// since, the write lock can be taken, the index is at the head, and the
+    /// disk has room.
+    fn ready(&self) -> Result<(), String> {
+        if let Some(f) = &self.last_failure {
+            return Err(format!("the last commit failed: {f}"));
+        }
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE; ROLLBACK;")
+            .map_err(|e| format!("cannot take the write lock: {e}"))?;
+        let indexed = self
+            .index
+            .head()
+            .map_err(|e| format!("index unreadable: {e}"))?;
+        if indexed != self.head || self.index_behind {
+            return Err(format!(
+                "index at {indexed}, database at {}: not in step",
+                self.head
+            ));
+        }
+        if let Some(free) = free_bytes(self.conn.path().map(Path::new)) {
+            if free < crate::limits::READY_DISK_FREE_BYTES_MIN {
+                return Err(format!("only {free} bytes free on the database's disk"));
+            }
+        }
+        Ok(())
+    }
+
     fn resync_index(&mut self) {
         match self.index.head().map_err(StorageError::from).and_then(|h| {
             self.index
@@ -349,6 +402,9 @@ impl Store {
 
 pub struct Writer {
     stores: HashMap<TenantId, Store>,
+    wakeups: u64,
+    batch_events: crate::metrics::Histogram,
+    commit_micros: crate::metrics::Histogram,
     rx: flume::Receiver<ToWriter>,
     control: Option<flume::Receiver<WriterControl>>,
     shards: Vec<flume::Sender<FromWriter>>,
@@ -413,6 +469,9 @@ impl Writer {
     ) -> Writer {
         Writer {
             stores,
+            wakeups: 0,
+            batch_events: Default::default(),
+            commit_micros: Default::default(),
             rx,
             control: Some(control),
             shards,
@@ -449,6 +508,38 @@ impl Writer {
 
     fn on_control(&mut self, c: WriterControl) {
         match c {
+            WriterControl::Metrics(reply) => {
+                let mut tenants: Vec<_> = self
+                    .stores
+                    .iter()
+                    .map(|(id, s)| crate::metrics::WriterTenant {
+                        id: *id,
+                        name: s.name.clone(),
+                        head: s.head,
+                        events_appended: s.events_appended,
+                        commits: s.commits,
+                        commit_failures: s.commit_failures,
+                    })
+                    .collect();
+                tenants.sort_by_key(|t| t.id);
+                let _ = reply.send(crate::metrics::WriterSnapshot {
+                    wakeups: self.wakeups,
+                    batch_events: self.batch_events.clone(),
+                    commit_micros: self.commit_micros.clone(),
+                    busy_retries: crate::checkpoint::busy_retries(),
+                    queued_messages: self.rx.len() as u64,
+                    tenants,
+                });
+            }
+            WriterControl::Ready(reply) => {
+                let mut out: Vec<_> = self
+                    .stores
+                    .values()
+                    .map(|s| (s.name.clone(), s.ready()))
+                    .collect();
+                out.sort_by(|a, b| a.0.cmp(&b.0));
+                let _ = reply.send(out);
+            }
             WriterControl::Add { id, store, done } => {
                 tracing::info!(tenant = %store.name, head = store.head, "tenant added");
                 if let Some(old) = self.stores.insert(id, *store) {
@@ -526,13 +617,21 @@ impl Writer {
                 }
             }
         }
+        self.wakeups += 1;
         let mut published = Vec::new();
         let mut written = 0;
         for (tenant, requests) in by_tenant {
             match self.stores.get_mut(&tenant) {
                 Some(store) => {
                     // One tenant's failure answers only its own requests.
+                    let t0 = Instant::now();
                     let events = store.commit(requests, &mut answers);
+                    self.commit_micros.observe(
+                        crate::metrics::LATENCY_BUCKETS_US,
+                        t0.elapsed().as_micros() as u64,
+                    );
+                    self.batch_events
+                        .observe(crate::metrics::BATCH_BUCKETS, events.len() as u64);
                     if !events.is_empty() {
                         written += events.len();
                         published.push(Published { tenant, events });
@@ -728,4 +827,24 @@ fn apply(
             last_position: last,
         },
     })
+}
+
+/// Free bytes on the filesystem holding `path` (None when unknown).
+fn free_bytes(path: Option<&Path>) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = path?.parent()?;
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes into the struct we pass and reads the C string.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return None;
+        }
+        Some(st.f_bavail as u64 * st.f_frsize as u64)
+    }
 }
