@@ -26,7 +26,10 @@
 //! ```
 //!
 //! Beside the path, `checkpoint` copies the WAL into the database on its own
-//! thread, so no commit waits for a checkpoint's fsync.
+//! thread, so no commit waits for a checkpoint's fsync; `metrics` sums the
+//! shards' and the writer's own counters when scraped; `cli` holds the
+//! operator's commands (check, backup, config). docs/architecture.md has the
+//! long version of this map.
 //!
 //! `config` holds every setting (raw TOML → validated `Config`), `limits` the
 //! fixed ones, `server` the process lifecycle, `bench` the SSE load tool
