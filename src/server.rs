@@ -224,13 +224,22 @@ pub fn run(cfg: Config, reload: LoadConfig) -> Result<(), StartError> {
 
 fn announce(addr: SocketAddr, cfg: &Config, set: &TenantSet) {
     let tenants: Vec<&str> = set.tenants.iter().map(|t| t.name.as_str()).collect();
+    let databases: Vec<String> = set
+        .tenants
+        .iter()
+        .map(|t| t.database.path.display().to_string())
+        .collect();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     tracing::info!(
         %addr,
+        version = env!("CARGO_PKG_VERSION"),
+        cpus,
         shards = cfg.server.shards,
         shard_cpus = ?cfg.server.shard_cpus,
         writer_cpu = ?cfg.writer.cpu,
-        database = %cfg.database.path.display(),
-        index = %cfg.index.path.display(),
+        reader_threads = cfg.database.read_connections,
+        ?databases,
+        index = %if set.multi { "<data_dir>/<tenant>.index".to_string() } else { cfg.index.path.display().to_string() },
         multi_tenant = set.multi,
         ?tenants,
         synchronous = cfg.database.synchronous.pragma(),

@@ -119,3 +119,36 @@ fn a_second_server_on_the_same_database_or_port_is_refused() {
     assert!(err.contains("already on"), "{err}");
     assert_eq!(s.get("/health").status, 200);
 }
+
+/// `log.format = json`: every line is a JSON object, and one line at start
+/// says what the server runs with (shards, CPUs, address, data paths).
+#[test]
+fn json_logs_and_one_start_line_with_the_effective_layout() {
+    let dir = TempDir::new("json-logs");
+    let mut s = Server::start(
+        dir.path(),
+        &[
+            ("SHARDCAST_LOG_FORMAT", "json"),
+            ("SHARDCAST_SERVER_SHARDS", "2"),
+            ("RUST_LOG", "info"),
+        ],
+    );
+    s.terminate(std::time::Duration::from_secs(10));
+    let log = s.stderr();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect();
+    let start: Vec<_> = lines
+        .iter()
+        .filter(|l| l["fields"]["message"] == "shardcast listening")
+        .collect();
+    assert_eq!(start.len(), 1, "{log}");
+    let f = &start[0]["fields"];
+    assert_eq!(f["shards"], 2);
+    assert!(f["cpus"].as_u64().unwrap() >= 1);
+    assert_eq!(f["addr"], s.addr.to_string());
+    assert!(f["databases"].as_str().unwrap().contains("events.db"), "{f}");
+    assert_eq!(f["multi_tenant"], false);
+}
