@@ -438,61 +438,43 @@ pub fn render(
     }
 
     if let Some(w) = writer {
-        header(
-            &mut out,
-            "shardcast_events_appended_total",
-            "counter",
-            "Events made durable, by tenant.",
+        type Series = (
+            &'static str,
+            &'static str,
+            &'static str,
+            fn(&WriterTenant) -> u64,
         );
-        for t in w.tenants.iter().filter(|t| wanted(t.id)) {
-            let _ = writeln!(
-                out,
-                "shardcast_events_appended_total{{tenant=\"{}\"}} {}",
-                label(&t.name),
-                t.events_appended
-            );
-        }
-        header(
-            &mut out,
-            "shardcast_head_position",
-            "gauge",
-            "Position of the newest durable event, by tenant.",
-        );
-        for t in w.tenants.iter().filter(|t| wanted(t.id)) {
-            let _ = writeln!(
-                out,
-                "shardcast_head_position{{tenant=\"{}\"}} {}",
-                label(&t.name),
-                t.head
-            );
-        }
-        header(
-            &mut out,
-            "shardcast_commits_total",
-            "counter",
-            "Tenant transactions committed, by tenant.",
-        );
-        for t in w.tenants.iter().filter(|t| wanted(t.id)) {
-            let _ = writeln!(
-                out,
-                "shardcast_commits_total{{tenant=\"{}\"}} {}",
-                label(&t.name),
-                t.commits
-            );
-        }
-        header(
-            &mut out,
-            "shardcast_commit_failures_total",
-            "counter",
-            "Tenant transactions that failed (nothing of them written), by tenant.",
-        );
-        for t in w.tenants.iter().filter(|t| wanted(t.id)) {
-            let _ = writeln!(
-                out,
-                "shardcast_commit_failures_total{{tenant=\"{}\"}} {}",
-                label(&t.name),
-                t.commit_failures
-            );
+        let series: [Series; 4] = [
+            (
+                "shardcast_events_appended_total",
+                "counter",
+                "Events made durable, by tenant.",
+                |t| t.events_appended,
+            ),
+            (
+                "shardcast_head_position",
+                "gauge",
+                "Position of the newest durable event, by tenant.",
+                |t| t.head,
+            ),
+            (
+                "shardcast_commits_total",
+                "counter",
+                "Tenant transactions committed, by tenant.",
+                |t| t.commits,
+            ),
+            (
+                "shardcast_commit_failures_total",
+                "counter",
+                "Tenant transactions that failed (nothing of them written), by tenant.",
+                |t| t.commit_failures,
+            ),
+        ];
+        for (name, kind, help, f) in series {
+            header(&mut out, name, kind, help);
+            for t in w.tenants.iter().filter(|t| wanted(t.id)) {
+                let _ = writeln!(out, "{name}{{tenant=\"{}\"}} {}", label(&t.name), f(t));
+            }
         }
     }
     // Per tenant, summed over shards, in the writer's tenant order.

@@ -149,6 +149,9 @@ fn json_logs_and_one_start_line_with_the_effective_layout() {
     assert_eq!(f["shards"], 2);
     assert!(f["cpus"].as_u64().unwrap() >= 1);
     assert_eq!(f["addr"], s.addr.to_string());
-    assert!(f["databases"].as_str().unwrap().contains("events.db"), "{f}");
+    assert!(
+        f["databases"].as_str().unwrap().contains("events.db"),
+        "{f}"
+    );
     assert_eq!(f["multi_tenant"], false);
 }
