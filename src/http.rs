@@ -908,6 +908,9 @@ async fn flush(stream: &mut TcpStream, out: &mut Vec<u8>) -> io::Result<()> {
     r
 }
 
+/// What a read for a body may add to the buffer before any of it arrived.
+const READ_GROW_BYTES: usize = 64 * 1024;
+
 async fn read_more(
     stream: &mut TcpStream,
     rb: &mut ReadBuf,
@@ -919,7 +922,10 @@ async fn read_more(
         return Err(ReadErr::TimedOut);
     }
     let _ = stream.set_read_timeout(Some(left.max(Duration::from_millis(1))));
-    rb.reserve(want.min(1 << 20));
+    // Grow with what has arrived (at most doubling per read), never to a
+    // body's announced size at once: a client that announces 10 MiB and
+    // stalls holds 64 KiB here until the read timeout, not megabytes.
+    rb.reserve(want.min(READ_GROW_BYTES.max(rb.end - rb.start)));
     match stream.read(&mut rb.buf[rb.end..]).await {
         Ok(0) => Err(ReadErr::Closed),
         Ok(n) => {

@@ -324,3 +324,45 @@ fn cors_headers_and_preflight_on_every_endpoint() {
     assert_eq!(r.status, 200);
     assert!(r.header("access-control-allow-origin").is_none());
 }
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Clients that announce a large body and then stall cost the server what
+/// they sent, not what they announced: the buffer grows with arrivals.
+#[test]
+fn announced_but_unsent_bodies_reserve_little_memory() {
+    use std::io::Write;
+    let dir = TempDir::new("stalled-bodies");
+    let s = Server::start(dir.path(), &[("READ_TIMEOUT", "30s")]);
+    // Warm up allocator pools with one ordinary request.
+    assert_eq!(s.post("/events", EVENT).status, 200);
+    let before = rss_kib(s.pid());
+    let conns: Vec<_> = (0..300)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+            c.write_all(
+                b"POST /events/batch HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\n\r\n[",
+            )
+            .unwrap();
+            c
+        })
+        .collect();
+    // Every connection has been read up to its stall.
+    std::thread::sleep(Duration::from_millis(500));
+    let grown_kib = rss_kib(s.pid()).saturating_sub(before);
+    // 300 × 10 MB announced = 3 GB; at 64 KiB each it would be ~19 MiB.
+    assert!(
+        grown_kib < 48 * 1024,
+        "300 stalled 10 MB bodies grew RSS by {grown_kib} KiB"
+    );
+    // The server still answers others meanwhile.
+    assert_eq!(s.post("/events", EVENT).status, 200);
+    drop(conns);
+}

@@ -8,9 +8,7 @@ mod common;
 use common::*;
 use shardcast::config::{Config, SlowClient, Synchronous, KEYS};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 const MIB: u64 = 1024 * 1024;
@@ -158,39 +156,11 @@ fn worked_examples_in_the_docs_match_the_formula() {
 #[test]
 fn the_small_profile_starts_the_server() {
     let dir = TempDir::new("profile-small");
-    let mut cmd = Server::command(dir.path(), &[]);
-    cmd.args(["--config", profile_path("small").to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap());
-    let mut child = cmd.spawn().expect("start shardcast");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(addr) = line.strip_prefix("listening on ") {
-                let _ = tx.send(addr.trim().to_string());
-            }
-        }
-    });
-    let addr = match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(a) => a,
-        Err(_) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "small profile did not start:\n{}",
-                std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default()
-            );
-        }
-    };
-    let s = Server {
-        child: Some(child),
-        addr: addr.parse().unwrap(),
-        dir: dir.path().to_path_buf(),
-        env: Vec::new(),
-        stderr_path: dir.path().join("stderr.log"),
-        nofile: None,
-    };
+    let s = Server::start_with_args(
+        dir.path(),
+        &["--config", profile_path("small").to_str().unwrap()],
+        &[],
+    );
     assert_eq!(s.post("/events", r#"{"type":"profile.check"}"#).status, 200);
     assert_eq!(s.get("/position").json()["position"], 1);
     // DB_PATH (the harness's) overrode the profile's /var/lib path.

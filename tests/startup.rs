@@ -65,21 +65,28 @@ fn a_config_file_and_env_overrides_are_applied() {
         ),
     )
     .unwrap();
-    let mut cmd = Server::command(dir.path(), &[]);
-    cmd.env_remove("DB_PATH")
-        .args(["--config", file.to_str().unwrap()]);
-    // Start it through the harness's reader by hand: same protocol as Server::start.
-    let s = Server::start(dir.path(), &[("SHARDCAST_API_BATCH_EVENTS_MAX", "2")]);
+    // The file sets the database path and a batch limit of 3; the
+    // environment lowers the limit to 2 (env wins over the file).
+    let s = Server::start_with_args(
+        dir.path(),
+        &["--config", file.to_str().unwrap()],
+        &[("DB_PATH", ""), ("SHARDCAST_API_BATCH_EVENTS_MAX", "2")],
+    );
+    let r = s.post("/events/batch", r#"[{"type":"a"},{"type":"b"}]"#);
+    assert_eq!(r.status, 200, "{}", r.text());
     let r = s.post(
         "/events/batch",
         r#"[{"type":"a"},{"type":"b"},{"type":"c"}]"#,
     );
     assert_eq!(
-        r.status,
-        400,
+        (r.status, r.error_code().as_str()),
+        (400, "batch_too_large"),
         "env override of api.batch_events_max: {}",
         r.text()
     );
+    // The file's database path was used, not the harness's default.
+    assert!(dir.path().join("file.db").exists());
+    assert!(!dir.path().join("events.db").exists());
     drop(s);
     let (code, _) = run_expecting_failure(
         dir.path(),

@@ -49,6 +49,8 @@ pub struct Server {
     pub addr: SocketAddr,
     pub dir: PathBuf,
     pub env: Vec<(String, String)>,
+    /// Arguments after `serve`.
+    pub args: Vec<String>,
     pub stderr_path: PathBuf,
     /// RLIMIT_NOFILE (soft and hard) for the process, when set.
     pub nofile: Option<u64>,
@@ -72,8 +74,27 @@ impl Server {
             addr: "127.0.0.1:0".parse().unwrap(),
             dir: dir.to_path_buf(),
             env,
+            args: Vec::new(),
             stderr_path: dir.join("stderr.log"),
             nofile,
+        };
+        s.spawn();
+        s
+    }
+
+    /// `start`, with arguments after `serve` (e.g. `--config FILE`).
+    pub fn start_with_args(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut s = Server {
+            child: None,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            dir: dir.to_path_buf(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            stderr_path: dir.join("stderr.log"),
+            nofile: None,
         };
         s.spawn();
         s
@@ -104,6 +125,7 @@ impl Server {
             .open(&self.stderr_path)
             .unwrap();
         let mut cmd = Server::command(&self.dir, &self.env);
+        cmd.args(&self.args);
         if let Some(n) = self.nofile {
             use std::os::unix::process::CommandExt;
             // SAFETY: setrlimit is async-signal-safe; the closure allocates nothing.
