@@ -174,6 +174,17 @@ impl Shard {
             .collect()
     }
 
+    /// SSE subscribers on this shard, all tenants together (the caps count
+    /// them so).
+    pub fn sse_subscribers(&self) -> usize {
+        self.tenants
+            .borrow()
+            .local
+            .values()
+            .map(|t| t.fanout.subscribers.get())
+            .sum()
+    }
+
     /// Every tenant this shard holds (for the heartbeat).
     pub fn each_tenant(&self) -> Vec<Rc<Tenant>> {
         self.tenants.borrow().local.values().cloned().collect()

@@ -240,12 +240,7 @@ fn admit<'a>(shard: &Shard, f: &'a Fanout, key: Option<Box<[u8]>>) -> Result<Slo
     let cfg = &shard.cfg.sse;
     // The process cap, split evenly: each shard enforces its share alone.
     let per_shard = cfg.max_connections.div_ceil(shard.cfg.server.shards);
-    let held: usize = shard
-        .each_tenant()
-        .iter()
-        .map(|t| t.fanout.subscribers.get())
-        .sum();
-    if held >= per_shard {
+    if shard.sse_subscribers() >= per_shard {
         let mut e = ApiError::new(
             503,
             "too_many_subscribers",
@@ -287,209 +282,221 @@ enum Wake {
 }
 
 /// Serve one subscriber until it goes away (or the shard drains).
-pub async fn serve(
+/// (A plain fn returning an `async move` block, not an `async fn`: an async
+/// fn moves each argument into a local of its state machine and keeps the
+/// argument's slot too, which cost every subscriber ~230 bytes twice over.)
+#[allow(clippy::manual_async_fn)]
+pub fn serve(
     shard: Rc<Shard>,
     tenant: Rc<Tenant>,
     mut stream: TcpStream,
     mut sub: Subscription,
-) {
-    let registration = shard.conns.register(stream.as_raw_fd());
-    // Needed only for the head: not kept for the subscription's lifetime.
-    let cors = sub.cors.take();
-    let slot = match admit(&shard, &tenant.fanout, sub.key.take()) {
-        Ok(s) => s,
-        Err(e) => {
-            let mut out = Vec::new();
-            e.write(&mut out, false);
-            crate::http::add_cors(&mut out, 0, cors.as_deref());
-            let _ = stream.write_all(&out).await;
-            return;
-        }
-    };
-    // An SSE response is written for as long as the client stays.
-    let _ = stream.set_write_timeout(None);
-    let _ = stream.set_read_timeout(None);
-    let fanout = &tenant.fanout;
-    let cfg = &shard.cfg.sse;
+    // Holds the connection's place under `server.max_connections` until the
+    // subscription ends.
+    permit: crate::accept::Permit,
+) -> impl std::future::Future<Output = ()> {
+    async move {
+        let _permit = permit;
+        let registration = shard.conns.register(stream.as_raw_fd());
+        // Needed only for the head: not kept for the subscription's lifetime.
+        let cors = sub.cors.take();
+        let slot = match admit(&shard, &tenant.fanout, sub.key.take()) {
+            Ok(s) => s,
+            Err(e) => {
+                let mut out = Vec::new();
+                e.write(&mut out, false);
+                crate::http::add_cors(&mut out, 0, cors.as_deref());
+                let _ = stream.write_all(&out).await;
+                return;
+            }
+        };
+        // An SSE response is written for as long as the client stays.
+        let _ = stream.set_write_timeout(None);
+        let _ = stream.set_read_timeout(None);
+        let fanout = &tenant.fanout;
+        let cfg = &shard.cfg.sse;
 
-    let head = tenant.index.head().unwrap_or_else(|_| fanout.last());
-    let mut out: Vec<u8> = Vec::with_capacity(256);
-    out.extend_from_slice(
-        b"HTTP/1.1 200 OK\r\nServer: shardcast\r\nContent-Type: text/event-stream\r\n\
+        let head = tenant.index.head().unwrap_or_else(|_| fanout.last());
+        let mut out: Vec<u8> = Vec::with_capacity(256);
+        out.extend_from_slice(
+            b"HTTP/1.1 200 OK\r\nServer: shardcast\r\nContent-Type: text/event-stream\r\n\
 Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: keep-alive\r\n",
-    );
-    if let Some(lines) = cors {
-        out.extend_from_slice(lines.as_bytes());
-    }
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(b"retry: ");
-    out.extend_from_slice(itoa::Buffer::new().format(cfg.retry_ms).as_bytes());
-    out.extend_from_slice(b"\n\n");
-    let mut cursor = match sub.start {
-        Start::Live => fanout.last().max(head),
-        Start::After(p) if p > head => {
-            // From another history (a restored backup, another server):
-            // say so and go live rather than wait for positions that may never come.
-            out.extend_from_slice(
+        );
+        if let Some(lines) = cors {
+            out.extend_from_slice(lines.as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(b"retry: ");
+        out.extend_from_slice(itoa::Buffer::new().format(cfg.retry_ms).as_bytes());
+        out.extend_from_slice(b"\n\n");
+        let mut cursor = match sub.start {
+            Start::Live => fanout.last().max(head),
+            Start::After(p) if p > head => {
+                // From another history (a restored backup, another server):
+                // say so and go live rather than wait for positions that may never come.
+                out.extend_from_slice(
                 b"event: reset\ndata: {\"reason\":\"last_event_id_beyond_head\",\"last_event_id\":",
             );
-            out.extend_from_slice(itoa::Buffer::new().format(p).as_bytes());
-            out.extend_from_slice(b",\"head\":");
-            out.extend_from_slice(itoa::Buffer::new().format(head).as_bytes());
-            out.extend_from_slice(b"}\n\n");
-            head
-        }
-        Start::After(p) => p,
-    };
-    if write(&mut stream, &mut out).await.is_err() {
-        return;
-    }
-
-    let mut seen_beat = fanout.heartbeat.get();
-    let mut lagging = false;
-    let mut probe = [0u8; 8];
-    loop {
-        if fanout.closed.get() {
+                out.extend_from_slice(itoa::Buffer::new().format(p).as_bytes());
+                out.extend_from_slice(b",\"head\":");
+                out.extend_from_slice(itoa::Buffer::new().format(head).as_bytes());
+                out.extend_from_slice(b"}\n\n");
+                head
+            }
+            Start::After(p) => p,
+        };
+        if write(&mut stream, &mut out).await.is_err() {
             return;
         }
-        // 1. Behind the ring: a page from SQLite.
-        if cursor + 1 < fanout.first() {
-            // Boxed: the read's channel futures would otherwise sit in every
-            // idle subscriber's task state.
-            let read = Box::pin(
-                tenant
-                    .readers
-                    .events_from(cursor + 1, cfg.catch_up_batch_events),
-            );
-            match read.await {
-                Ok(events) => {
-                    // Retention pruned what the client wants: say so, then
-                    // go on from the oldest event kept.
-                    let next = events.first().map(|e| e.position).unwrap_or(fanout.first());
-                    if next > cursor + 1 {
-                        out.extend_from_slice(
-                            b"event: reset\ndata: {\"reason\":\"pruned\",\"last_event_id\":",
-                        );
-                        out.extend_from_slice(itoa::Buffer::new().format(cursor).as_bytes());
-                        out.extend_from_slice(b",\"first_retained\":");
-                        out.extend_from_slice(itoa::Buffer::new().format(next).as_bytes());
-                        out.extend_from_slice(b"}\n\n");
-                    }
-                    for e in &events {
-                        if sub
-                            .filter
-                            .matches(&e.new.event_type, e.new.stream.as_deref())
-                        {
-                            encode_frame(&mut out, e);
-                            fanout.delivered.set(fanout.delivered.get() + 1);
+
+        let mut seen_beat = fanout.heartbeat.get();
+        let mut lagging = false;
+        let mut probe = [0u8; 8];
+        loop {
+            if fanout.closed.get() {
+                return;
+            }
+            // 1. Behind the ring: a page from SQLite.
+            if cursor + 1 < fanout.first() {
+                // Boxed: the read's channel futures would otherwise sit in every
+                // idle subscriber's task state.
+                let read = Box::pin(
+                    tenant
+                        .readers
+                        .events_from(cursor + 1, cfg.catch_up_batch_events),
+                );
+                match read.await {
+                    Ok(events) => {
+                        // Retention pruned what the client wants: say so, then
+                        // go on from the oldest event kept.
+                        let next = events.first().map(|e| e.position).unwrap_or(fanout.first());
+                        if next > cursor + 1 {
+                            out.extend_from_slice(
+                                b"event: reset\ndata: {\"reason\":\"pruned\",\"last_event_id\":",
+                            );
+                            out.extend_from_slice(itoa::Buffer::new().format(cursor).as_bytes());
+                            out.extend_from_slice(b",\"first_retained\":");
+                            out.extend_from_slice(itoa::Buffer::new().format(next).as_bytes());
+                            out.extend_from_slice(b"}\n\n");
+                        }
+                        for e in &events {
+                            if sub
+                                .filter
+                                .matches(&e.new.event_type, e.new.stream.as_deref())
+                            {
+                                encode_frame(&mut out, e);
+                                fanout.delivered.set(fanout.delivered.get() + 1);
+                            }
+                        }
+                        match events.last() {
+                            Some(e) => cursor = e.position,
+                            // Nothing stored after the cursor yet the ring starts
+                            // later: pruned; resume at the ring.
+                            None => cursor = fanout.first() - 1,
                         }
                     }
-                    match events.last() {
-                        Some(e) => cursor = e.position,
-                        // Nothing stored after the cursor yet the ring starts
-                        // later: pruned; resume at the ring.
-                        None => cursor = fanout.first() - 1,
+                    Err(e) => {
+                        tracing::warn!(shard = shard.id, error = %e, "SSE catch-up read failed; closing the subscriber");
+                        return;
                     }
-                }
-                Err(e) => {
-                    tracing::warn!(shard = shard.id, error = %e, "SSE catch-up read failed; closing the subscriber");
-                    return;
-                }
-            }
-            if write(&mut stream, &mut out).await.is_err() {
-                return;
-            }
-            continue;
-        }
-
-        // 2. From the ring: everything pending, at most a client buffer's worth.
-        if fanout.last() > cursor {
-            {
-                let ring = fanout.ring.borrow();
-                let mut scratch = fanout.scratch.borrow_mut();
-                scratch.clear();
-                let first = ring.front().map(|f| f.position).unwrap_or(cursor + 1);
-                let from = (cursor + 1 - first) as usize;
-                for f in ring.range(from..).take(cfg.client_buffer_events) {
-                    if sub.filter.matches(&f.event_type, f.stream.as_deref()) {
-                        scratch.extend_from_slice(&f.bytes);
-                        fanout.delivered.set(fanout.delivered.get() + 1);
-                    }
-                    cursor = f.position;
-                }
-                // Usually the socket takes it all at once; only what it
-                // does not take is copied out to wait for the client.
-                match send_now(stream.as_raw_fd(), &scratch) {
-                    Ok(sent) => out.extend_from_slice(&scratch[sent..]),
-                    Err(()) => return,
-                }
-                if scratch.capacity() > SCRATCH_KEEP_BYTES {
-                    *scratch = Vec::new();
-                }
-            }
-            seen_beat = fanout.heartbeat.get();
-            if write(&mut stream, &mut out).await.is_err() {
-                return;
-            }
-            // What piled up while that write waited on the client: more than
-            // its buffer means the client reads slower than events arrive.
-            let lag = fanout.last().saturating_sub(cursor);
-            if lag as usize > cfg.client_buffer_events {
-                if !lagging {
-                    lagging = true;
-                    fanout.slow_clients.set(fanout.slow_clients.get() + 1);
-                    tracing::debug!(shard = shard.id, lag, "slow SSE subscriber");
-                }
-                if cfg.slow_client == SlowClient::Disconnect {
-                    return;
-                }
-            } else {
-                lagging = false;
-            }
-            continue;
-        }
-
-        // 3. Nothing pending: wait for the ring, the heartbeat, or the peer leaving.
-        registration.set_idle(true);
-        let woke = std::future::poll_fn(|cx| {
-            // Keeps one read armed with the reactor: a closed or half-closed
-            // peer ends the subscription now, not at the next write.
-            loop {
-                match Pin::new(&mut stream).poll_read(cx, &mut probe) {
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Wake::Closed),
-                    // Anything a client sends on an SSE stream is ignored.
-                    Poll::Ready(Ok(_)) => continue,
-                    Poll::Pending => break,
-                }
-            }
-            if fanout.closed.get() {
-                return Poll::Ready(Wake::Closed);
-            }
-            if fanout.last() > cursor || cursor + 1 < fanout.first() {
-                return Poll::Ready(Wake::Events);
-            }
-            if fanout.heartbeat.get() != seen_beat {
-                return Poll::Ready(Wake::Heartbeat);
-            }
-            fanout
-                .waiting
-                .borrow_mut()
-                .insert(slot.id, cx.waker().clone());
-            Poll::Pending
-        })
-        .await;
-        registration.set_idle(false);
-        match woke {
-            Wake::Closed => return,
-            Wake::Events => {}
-            Wake::Heartbeat => {
-                seen_beat = fanout.heartbeat.get();
-                match send_now(stream.as_raw_fd(), b":\n\n") {
-                    Ok(sent) => out.extend_from_slice(&b":\n\n"[sent..]),
-                    Err(()) => return,
                 }
                 if write(&mut stream, &mut out).await.is_err() {
                     return;
+                }
+                continue;
+            }
+
+            // 2. From the ring: everything pending, at most a client buffer's worth.
+            if fanout.last() > cursor {
+                {
+                    let ring = fanout.ring.borrow();
+                    let mut scratch = fanout.scratch.borrow_mut();
+                    scratch.clear();
+                    let first = ring.front().map(|f| f.position).unwrap_or(cursor + 1);
+                    let from = (cursor + 1 - first) as usize;
+                    for f in ring.range(from..).take(cfg.client_buffer_events) {
+                        if sub.filter.matches(&f.event_type, f.stream.as_deref()) {
+                            scratch.extend_from_slice(&f.bytes);
+                            fanout.delivered.set(fanout.delivered.get() + 1);
+                        }
+                        cursor = f.position;
+                    }
+                    // Usually the socket takes it all at once; only what it
+                    // does not take is copied out to wait for the client.
+                    match send_now(stream.as_raw_fd(), &scratch) {
+                        Ok(sent) => out.extend_from_slice(&scratch[sent..]),
+                        Err(()) => return,
+                    }
+                    if scratch.capacity() > SCRATCH_KEEP_BYTES {
+                        *scratch = Vec::new();
+                    }
+                }
+                seen_beat = fanout.heartbeat.get();
+                if write(&mut stream, &mut out).await.is_err() {
+                    return;
+                }
+                // What piled up while that write waited on the client: more than
+                // its buffer means the client reads slower than events arrive.
+                let lag = fanout.last().saturating_sub(cursor);
+                if lag as usize > cfg.client_buffer_events {
+                    if !lagging {
+                        lagging = true;
+                        fanout.slow_clients.set(fanout.slow_clients.get() + 1);
+                        tracing::debug!(shard = shard.id, lag, "slow SSE subscriber");
+                    }
+                    if cfg.slow_client == SlowClient::Disconnect {
+                        return;
+                    }
+                } else {
+                    lagging = false;
+                }
+                continue;
+            }
+
+            // 3. Nothing pending: wait for the ring, the heartbeat, or the peer leaving.
+            registration.set_idle(true);
+            let woke = std::future::poll_fn(|cx| {
+                // Keeps one read armed with the reactor: a closed or half-closed
+                // peer ends the subscription now, not at the next write.
+                loop {
+                    match Pin::new(&mut stream).poll_read(cx, &mut probe) {
+                        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                            return Poll::Ready(Wake::Closed)
+                        }
+                        // Anything a client sends on an SSE stream is ignored.
+                        Poll::Ready(Ok(_)) => continue,
+                        Poll::Pending => break,
+                    }
+                }
+                if fanout.closed.get() {
+                    return Poll::Ready(Wake::Closed);
+                }
+                if fanout.last() > cursor || cursor + 1 < fanout.first() {
+                    return Poll::Ready(Wake::Events);
+                }
+                if fanout.heartbeat.get() != seen_beat {
+                    return Poll::Ready(Wake::Heartbeat);
+                }
+                fanout
+                    .waiting
+                    .borrow_mut()
+                    .insert(slot.id, cx.waker().clone());
+                Poll::Pending
+            })
+            .await;
+            registration.set_idle(false);
+            match woke {
+                Wake::Closed => return,
+                Wake::Events => {}
+                Wake::Heartbeat => {
+                    seen_beat = fanout.heartbeat.get();
+                    match send_now(stream.as_raw_fd(), b":\n\n") {
+                        Ok(sent) => out.extend_from_slice(&b":\n\n"[sent..]),
+                        Err(()) => return,
+                    }
+                    if write(&mut stream, &mut out).await.is_err() {
+                        return;
+                    }
                 }
             }
         }
