@@ -172,6 +172,9 @@ impl Index {
         let sqlite_head = crate::storage::head(conn)?;
         let index = match Index::open(cfg) {
             Ok(i) => i,
+            // Open elsewhere in this process (a tenant removed a moment ago,
+            // its handles not yet dropped): not damage, so nothing is wiped.
+            Err(e @ IndexError::Lmdb(heed::Error::EnvAlreadyOpened)) => return Err(e),
             Err(e) => {
                 tracing::warn!(path = %cfg.path.display(), error = %e, "index unreadable; rebuilding it from SQLite");
                 wipe(&cfg.path)?;

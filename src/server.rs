@@ -351,6 +351,25 @@ impl Registry {
     }
 }
 
+/// Open a tenant's storage on reload. A tenant removed by an earlier reload
+/// moments ago may still have its LMDB environment held by a shard that has
+/// not yet taken the new tenant set (heed refuses a second open of a path
+/// until the last handle goes): wait for that, briefly.
+fn open_when_released(
+    spec: &TenantSpec,
+    cfg: &Config,
+) -> Result<(Store, crate::index::Index), String> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match Store::open(&spec.name, &spec.database, &spec.index, cfg) {
+            Err(e) if e.contains("already open") && Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// SIGHUP: read the tenants again; open the new ones and hand them to the
 /// writer, then give every shard the new set (removed tenants' subscribers
 /// are closed there), then let the writer close the removed ones' storage.
@@ -404,7 +423,7 @@ impl Reloader {
                 self.remove_from_writer(old.id);
             }
             let id = self.registry.next_id();
-            match Store::open(&spec.name, &spec.database, &spec.index, &cfg) {
+            match open_when_released(spec, &cfg) {
                 Ok((store, index)) => {
                     let (done, wait) = flume::bounded(1);
                     if self

@@ -378,6 +378,43 @@ fn reload_adds_and_removes_tenants_without_touching_the_others() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(get(&s, "/position", BOB).json(), json!({"position": 1}));
+    // Removed and added straight back (two reloads back to back): bob's
+    // storage reopens once the shards let go of it, and nothing is rebuilt.
+    let with = ebuse_yaml(
+        dir.path(),
+        &[
+            ("alice", ALICE),
+            ("carol", CAROL),
+            ("dave", DAVE),
+            ("bob", BOB),
+        ],
+    );
+    let without = ebuse_yaml(
+        dir.path(),
+        &[("alice", ALICE), ("carol", CAROL), ("dave", DAVE)],
+    );
+    write_tenants(dir.path(), &without);
+    // SAFETY: as above.
+    unsafe { libc::kill(s.pid(), libc::SIGHUP) };
+    let t0 = Instant::now();
+    while get(&s, "/position", BOB).status != 401 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "bob never left");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    write_tenants(dir.path(), &with);
+    // SAFETY: as above.
+    unsafe { libc::kill(s.pid(), libc::SIGHUP) };
+    let t0 = Instant::now();
+    while get(&s, "/position", BOB).status != 200 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "bob never came back: {}",
+            s.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(get(&s, "/position", BOB).json(), json!({"position": 1}));
+    assert!(!s.stderr().contains("index unreadable"), "{}", s.stderr());
     // A tenants file that does not load changes nothing.
     write_tenants(dir.path(), "tenants: [");
     // SAFETY: as above.
