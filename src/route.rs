@@ -300,42 +300,55 @@ pub fn resolve(
     Ok((route, tenant))
 }
 
+/// One request as its handler sees it.
+#[derive(Clone, Copy)]
+struct Req<'a> {
+    shard: &'a Rc<Shard>,
+    head: &'a RequestHead,
+    /// The whole request: head, then body.
+    raw: &'a [u8],
+    keep_alive: bool,
+    is_head: bool,
+}
+
+impl Req<'_> {
+    /// The query string's parameters.
+    fn query(&self) -> Query<'_> {
+        Query(std::str::from_utf8(&self.raw[self.head.query.clone()]).unwrap_or(""))
+    }
+}
+
 /// Answer one request into `out`. Returns true when the connection must close.
 pub async fn handle(
     shard: &Rc<Shard>,
     tenant: Option<&Tenant>,
     route: Route,
     head: &RequestHead,
-    req: &[u8],
+    raw: &[u8],
     out: &mut Vec<u8>,
     keep_alive: bool,
 ) -> bool {
-    let body = &req[head.head_len..];
-    let is_head = head.method == Method::Head;
+    let r = &Req {
+        shard,
+        head,
+        raw,
+        keep_alive,
+        is_head: head.method == Method::Head,
+    };
     // Reads and the operator's endpoints are boxed: the state of their
     // awaits (reader jobs, scrapes) would otherwise sit in every
     // connection's task whatever it is doing (handler state 592 → 216
     // bytes). Appends and LMDB lookups, the hot path, stay unboxed.
     let result = match (route, tenant) {
-        (Route::Health, _) => Box::pin(health(shard, head, req, out, keep_alive, is_head)).await,
-        (Route::Tenants, _) => tenants(shard, out, keep_alive, is_head),
-        (Route::Metrics, t) => {
-            Box::pin(metrics(shard, t, head, req, out, keep_alive, is_head)).await
-        }
-        (Route::Position, Some(t)) => position(t, out, keep_alive, is_head),
-        (Route::Load, Some(t)) => {
-            Box::pin(load(shard, t, head, req, out, keep_alive, is_head)).await
-        }
-        (Route::StreamRead, Some(t)) => {
-            Box::pin(stream_read(shard, t, head, req, out, keep_alive, is_head)).await
-        }
-        (Route::ConsumerGet, Some(t)) => consumer_get(t, head, req, out, keep_alive, is_head),
-        (Route::ConsumerSet, Some(t)) => {
-            consumer_set(shard, t, head, req, body, out, keep_alive).await
-        }
-        (Route::AppendOne | Route::AppendBatch, Some(t)) => {
-            append(shard, t, route, body, out, keep_alive).await
-        }
+        (Route::Health, _) => Box::pin(health(r, out)).await,
+        (Route::Tenants, _) => tenants(r, out),
+        (Route::Metrics, t) => Box::pin(metrics(r, t, out)).await,
+        (Route::Position, Some(t)) => position(r, t, out),
+        (Route::Load, Some(t)) => Box::pin(load(r, t, out)).await,
+        (Route::StreamRead, Some(t)) => Box::pin(stream_read(r, t, out)).await,
+        (Route::ConsumerGet, Some(t)) => consumer_get(r, t, out),
+        (Route::ConsumerSet, Some(t)) => consumer_set(r, t, out).await,
+        (Route::AppendOne | Route::AppendBatch, Some(t)) => append(r, t, route, out).await,
         (Route::Subscribe | Route::Stream, _) => Err(ApiError::new(
             500,
             "internal",
@@ -385,15 +398,16 @@ async fn ask<T, M>(tx: &flume::Sender<M>, make: impl FnOnce(flume::Sender<T>) ->
 /// writer answers, and every tenant's storage can take appends (the last
 /// commit did not fail, the write lock can be taken, the index is at the
 /// head, the disk has room); else 503 with the reasons.
-async fn health(
-    shard: &Shard,
-    head: &RequestHead,
-    req: &[u8],
-    out: &mut Vec<u8>,
-    keep_alive: bool,
-    is_head: bool,
-) -> Result<(), ApiError> {
-    let q = Query(std::str::from_utf8(&req[head.query.clone()]).unwrap_or(""));
+async fn health(r: &Req<'_>, out: &mut Vec<u8>) -> Result<(), ApiError> {
+    let Req {
+        shard,
+        head,
+        raw: req,
+        keep_alive,
+        is_head,
+        ..
+    } = *r;
+    let q = r.query();
     match q.get("mode").as_deref() {
         None | Some("liveness") => {
             json_ok(out, br#"{"status":"healthy"}"#, keep_alive, is_head);
@@ -444,16 +458,15 @@ fn not_ready(shard: &Shard, why: String) -> ApiError {
 /// `GET /metrics`: every shard's and the writer's counters, summed now.
 /// Prometheus text; ebuse's JSON with `Accept: application/json` or
 /// `?format=json`. A tenant's key sees its tenant's series only.
-async fn metrics(
-    shard: &Shard,
-    tenant: Option<&Tenant>,
-    head: &RequestHead,
-    req: &[u8],
-    out: &mut Vec<u8>,
-    keep_alive: bool,
-    is_head: bool,
-) -> Result<(), ApiError> {
-    let q = Query(std::str::from_utf8(&req[head.query.clone()]).unwrap_or(""));
+async fn metrics(r: &Req<'_>, tenant: Option<&Tenant>, out: &mut Vec<u8>) -> Result<(), ApiError> {
+    let Req {
+        shard,
+        head,
+        keep_alive,
+        is_head,
+        ..
+    } = *r;
+    let q = r.query();
     let json = q.get("format").as_deref() == Some("json") || head.accept_json;
     let mut shards = Vec::with_capacity(shard.peers.len());
     for peer in &shard.peers {
@@ -534,12 +547,13 @@ async fn metrics(
 }
 
 /// `GET /tenants`, as ebuse answers it: `{"tenants": [...], "count": n}`.
-fn tenants(
-    shard: &Shard,
-    out: &mut Vec<u8>,
-    keep_alive: bool,
-    is_head: bool,
-) -> Result<(), ApiError> {
+fn tenants(r: &Req<'_>, out: &mut Vec<u8>) -> Result<(), ApiError> {
+    let Req {
+        shard,
+        keep_alive,
+        is_head,
+        ..
+    } = *r;
     let names = shard.tenant_names().ok_or_else(|| {
         ApiError::new(
             404,
@@ -552,12 +566,12 @@ fn tenants(
     Ok(())
 }
 
-fn position(
-    tenant: &Tenant,
-    out: &mut Vec<u8>,
-    keep_alive: bool,
-    is_head: bool,
-) -> Result<(), ApiError> {
+fn position(r: &Req<'_>, tenant: &Tenant, out: &mut Vec<u8>) -> Result<(), ApiError> {
+    let Req {
+        keep_alive,
+        is_head,
+        ..
+    } = *r;
     let head = tenant.index.head().map_err(|e| {
         ApiError::new(
             503,
@@ -574,13 +588,19 @@ fn position(
 }
 
 async fn append(
-    shard: &Rc<Shard>,
+    r: &Req<'_>,
     tenant: &Tenant,
     route: Route,
-    body: &[u8],
     out: &mut Vec<u8>,
-    keep_alive: bool,
 ) -> Result<(), ApiError> {
+    let Req {
+        shard,
+        raw,
+        head,
+        keep_alive,
+        ..
+    } = *r;
+    let body = &raw[head.head_len..];
     let parser = Parser::for_len(body.len(), shard.cfg.api.simd_json_min_bytes);
     let (kind, parsed) = {
         let mut stamp = shard.stamp.borrow_mut();
@@ -701,16 +721,15 @@ const LOAD_EVENTS_MAX: usize = 10_000;
 
 /// `GET /events`: a JSON array of stored events, as ebuse's `Load` decodes it.
 /// `from` and `to` are inclusive positions.
-async fn load(
-    shard: &Rc<Shard>,
-    tenant: &Tenant,
-    head: &RequestHead,
-    req: &[u8],
-    out: &mut Vec<u8>,
-    keep_alive: bool,
-    is_head: bool,
-) -> Result<(), ApiError> {
-    let q = Query(std::str::from_utf8(&req[head.query.clone()]).unwrap_or(""));
+async fn load(r: &Req<'_>, tenant: &Tenant, out: &mut Vec<u8>) -> Result<(), ApiError> {
+    let Req {
+        shard,
+        head,
+        keep_alive,
+        is_head,
+        ..
+    } = *r;
+    let q = r.query();
     // ebuse's client sends `to=-1` for "no upper bound" only by omitting it;
     // a literal -1 is accepted as the same.
     let from = q.number("from", 0)?;
@@ -781,17 +800,17 @@ fn read_failed(shard: &Shard, e: String) -> ApiError {
 }
 
 /// `GET /streams/{stream}`: one stream's events in version order.
-async fn stream_read(
-    shard: &Rc<Shard>,
-    tenant: &Tenant,
-    head: &RequestHead,
-    req: &[u8],
-    out: &mut Vec<u8>,
-    keep_alive: bool,
-    is_head: bool,
-) -> Result<(), ApiError> {
+async fn stream_read(r: &Req<'_>, tenant: &Tenant, out: &mut Vec<u8>) -> Result<(), ApiError> {
+    let Req {
+        shard,
+        head,
+        raw: req,
+        keep_alive,
+        is_head,
+        ..
+    } = *r;
     let stream = stream_name(path_of(head, req)).unwrap_or_default();
-    let q = Query(std::str::from_utf8(&req[head.query.clone()]).unwrap_or(""));
+    let q = r.query();
     let from_version = q.number("from_version", 1)?;
     let limit = q.count("limit", LOAD_EVENTS_MAX, LOAD_EVENTS_MAX)?;
     // Which positions: the LMDB index (no await while its read txn is open);
@@ -819,14 +838,14 @@ async fn stream_read(
     Ok(())
 }
 
-fn consumer_get(
-    tenant: &Tenant,
-    head: &RequestHead,
-    req: &[u8],
-    out: &mut Vec<u8>,
-    keep_alive: bool,
-    is_head: bool,
-) -> Result<(), ApiError> {
+fn consumer_get(r: &Req<'_>, tenant: &Tenant, out: &mut Vec<u8>) -> Result<(), ApiError> {
+    let Req {
+        head,
+        raw: req,
+        keep_alive,
+        is_head,
+        ..
+    } = *r;
     let id = consumer_id(path_of(head, req)).unwrap_or_default();
     let p = tenant.index.consumer_position(&id).map_err(|e| {
         ApiError::new(
@@ -841,15 +860,15 @@ fn consumer_get(
 }
 
 /// `POST|PUT /subscriptions/{id}/position` `{"position": N}` → 204 once stored.
-async fn consumer_set(
-    shard: &Rc<Shard>,
-    tenant: &Tenant,
-    head: &RequestHead,
-    req: &[u8],
-    body: &[u8],
-    out: &mut Vec<u8>,
-    keep_alive: bool,
-) -> Result<(), ApiError> {
+async fn consumer_set(r: &Req<'_>, tenant: &Tenant, out: &mut Vec<u8>) -> Result<(), ApiError> {
+    let Req {
+        shard,
+        head,
+        raw: req,
+        keep_alive,
+        ..
+    } = *r;
+    let body = &req[head.head_len..];
     #[derive(serde::Deserialize)]
     struct Body {
         position: i64,

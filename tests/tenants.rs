@@ -43,6 +43,23 @@ fn post(s: &Server, path: &str, key: &str, body: Value) -> Response {
     req(s, "POST", path, key, &body.to_string())
 }
 
+/// Rewrite the tenants file, send SIGHUP, and wait until `key` gets `status`
+/// on `/position` (the reload has taken effect).
+fn reload_until(s: &Server, dir: &Path, yaml: &str, key: &str, status: u16) {
+    write_tenants(dir, yaml);
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(s.pid(), libc::SIGHUP) };
+    let t0 = Instant::now();
+    while get(s, "/position", key).status != status {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{key} never got {status} after a reload: {}",
+            s.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn ebuse_yaml(dir: &Path, names: &[(&str, &str)]) -> String {
     let mut y = format!(
         "# ebuse's format\ndata_dir: \"{}\"\nadmin_api_key: \"{ADMIN}\"\ntenants:\n",
@@ -310,23 +327,20 @@ fn reload_adds_and_removes_tenants_without_touching_the_others() {
     assert_eq!(bob.status, 200);
     assert_eq!(get(&s, "/position", DAVE).status, 401);
 
-    write_tenants(
+    let with = ebuse_yaml(
         dir.path(),
-        &ebuse_yaml(
-            dir.path(),
-            &[("alice", ALICE), ("carol", CAROL), ("dave", DAVE)],
-        ),
+        &[
+            ("alice", ALICE),
+            ("carol", CAROL),
+            ("dave", DAVE),
+            ("bob", BOB),
+        ],
     );
-    // SAFETY: sending a signal to our own child process.
-    unsafe { libc::kill(s.pid(), libc::SIGHUP) };
-    let t0 = Instant::now();
-    while get(&s, "/position", DAVE).status != 200 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "dave never appeared"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let without = ebuse_yaml(
+        dir.path(),
+        &[("alice", ALICE), ("carol", CAROL), ("dave", DAVE)],
+    );
+    reload_until(&s, dir.path(), &without, DAVE, 200);
     assert_eq!(get(&s, "/position", BOB).status, 401);
     // Bob's open subscription was closed by the server.
     bob.stream
@@ -354,65 +368,12 @@ fn reload_adds_and_removes_tenants_without_touching_the_others() {
     );
     // Bob's data is still on disk: adding him back finds his event.
     assert!(dir.path().join("tenants/bob.db").exists());
-    write_tenants(
-        dir.path(),
-        &ebuse_yaml(
-            dir.path(),
-            &[
-                ("alice", ALICE),
-                ("carol", CAROL),
-                ("dave", DAVE),
-                ("bob", BOB),
-            ],
-        ),
-    );
-    // SAFETY: as above.
-    unsafe { libc::kill(s.pid(), libc::SIGHUP) };
-    let t0 = Instant::now();
-    while get(&s, "/position", BOB).status != 200 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "bob never came back: {}",
-            s.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    reload_until(&s, dir.path(), &with, BOB, 200);
     assert_eq!(get(&s, "/position", BOB).json(), json!({"position": 1}));
     // Removed and added straight back (two reloads back to back): bob's
     // storage reopens once the shards let go of it, and nothing is rebuilt.
-    let with = ebuse_yaml(
-        dir.path(),
-        &[
-            ("alice", ALICE),
-            ("carol", CAROL),
-            ("dave", DAVE),
-            ("bob", BOB),
-        ],
-    );
-    let without = ebuse_yaml(
-        dir.path(),
-        &[("alice", ALICE), ("carol", CAROL), ("dave", DAVE)],
-    );
-    write_tenants(dir.path(), &without);
-    // SAFETY: as above.
-    unsafe { libc::kill(s.pid(), libc::SIGHUP) };
-    let t0 = Instant::now();
-    while get(&s, "/position", BOB).status != 401 {
-        assert!(t0.elapsed() < Duration::from_secs(10), "bob never left");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    write_tenants(dir.path(), &with);
-    // SAFETY: as above.
-    unsafe { libc::kill(s.pid(), libc::SIGHUP) };
-    let t0 = Instant::now();
-    while get(&s, "/position", BOB).status != 200 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "bob never came back: {}",
-            s.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    reload_until(&s, dir.path(), &without, BOB, 401);
+    reload_until(&s, dir.path(), &with, BOB, 200);
     assert_eq!(get(&s, "/position", BOB).json(), json!({"position": 1}));
     assert!(!s.stderr().contains("index unreadable"), "{}", s.stderr());
     // A tenants file that does not load changes nothing.
