@@ -163,3 +163,44 @@ fn bench_reads_runs_in_small_mode() {
     assert_eq!(s["events"], 5000.0);
     assert!(s["bytes"] > 5000.0 * 50.0, "{stream}");
 }
+
+#[test]
+fn bench_tenants_runs_in_small_mode() {
+    if !have("wrk") {
+        eprintln!(
+            "SKIPPED bench_tenants_runs_in_small_mode: wrk is not installed (apt-get install wrk)"
+        );
+        return;
+    }
+    let out = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/bench-tenants.sh"
+        ))
+        .env("SHARDCAST_BIN", common::BIN)
+        .env("TENANTS", "1 3")
+        .env("DURATION", "1s")
+        .env("RUNS", "1")
+        .env("CONNECTIONS", "6")
+        .env("THREADS", "1")
+        .env("BATCH_SIZE", "20")
+        .output()
+        .expect("run scripts/bench-tenants.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The script exits non-zero when a tenant stored fewer events than acknowledged.
+    assert!(
+        out.status.success(),
+        "bench-tenants failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    for t in ["1", "3"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("MEDIAN tenants={t} ")))
+            .unwrap_or_else(|| panic!("no median for {t} tenants:\n{stdout}"));
+        let f = fields(&format!("x {}", line.trim_start_matches("MEDIAN ")));
+        assert!(f["events_s"] > 0.0, "{line}");
+        assert_eq!(f["non2xx"], 0.0, "{line}");
+    }
+    assert!(!stdout.contains("LOST"), "{stdout}");
+}
