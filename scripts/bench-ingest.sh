@@ -50,27 +50,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null ||
-    echo $((20000 + RANDOM % 20000))
-}
-
-wait_port() { # host:port, log file
-  for _ in $(seq 1 300); do
-    if (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null; then return 0; fi
-    sleep 0.05
-  done
-  echo "bench-ingest: nothing listens on $1; log:" >&2
-  cat "$2" >&2
-  exit 1
-}
+# shellcheck source=scripts/lib.sh
+source "$here/lib.sh"
 
 # --- shardcast -------------------------------------------------------------
 sc_port=$(free_port)
 PORT=$sc_port DB_PATH=$work/data/events.db RATE_LIMIT=0 RUST_LOG=warn \
   "$SHARDCAST_BIN" serve >"$work/shardcast.out" 2>"$work/shardcast.log" &
 pids+=($!)
-wait_port "127.0.0.1:$sc_port" "$work/shardcast.log"
+wait_port "$sc_port" "$work/shardcast.log"
 
 # --- nginx -----------------------------------------------------------------
 NGINX=${NGINX:-$(command -v nginx || true)}
@@ -96,7 +84,7 @@ http {
 EOF
   "$NGINX" -p "$work/nginx" -c "$work/nginx/nginx.conf" -g 'daemon off;' 2>"$work/nginx/stderr" &
   pids+=($!)
-  wait_port "127.0.0.1:$ng_port" "$work/nginx/stderr"
+  wait_port "$ng_port" "$work/nginx/stderr"
 else
   echo "bench-ingest: nginx is not installed (apt-get install nginx): no ceiling to compare with, shardcast runs alone"
 fi

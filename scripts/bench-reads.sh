@@ -39,11 +39,8 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done
-  echo "bench-reads: nothing listens on $1" >&2; exit 1
-}
+# shellcheck source=scripts/lib.sh
+source "$here/lib.sh"
 anon_kib() { awk '/^RssAnon:/ {print $2}' "/proc/$1/status"; }
 
 port=$(free_port)

@@ -46,18 +46,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null ||
-    echo $((20000 + RANDOM % 20000))
-}
-wait_port() {
-  for _ in $(seq 1 300); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.05
-  done
-  echo "bench-sse: nothing listens on port $1" >&2
-  exit 1
-}
+# shellcheck source=scripts/lib.sh
+source "$here/lib.sh"
 
 NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
 NCHAN_SO=$(ls /usr/lib/nginx/modules/ngx_nchan_module.so 2>/dev/null || true)
