@@ -6,11 +6,7 @@ local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
 local common = dofile(here .. "wrk-common.lua")
 
 local n = tonumber(os.getenv("BATCH_SIZE") or "100")
-local parts = {}
-for i = 1, n do
-  parts[i] = common.event(i)
-end
-local body = "[" .. table.concat(parts, ",") .. "]"
+local body = common.batch(n)
 
 local keys = {}
 for k in string.gmatch(os.getenv("API_KEYS") or "", "[^,]+") do

@@ -6,15 +6,11 @@ local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
 local common = dofile(here .. "wrk-common.lua")
 
 local n = tonumber(os.getenv("BATCH_SIZE") or "100")
-local parts = {}
-for i = 1, n do
-  parts[i] = common.event(i)
-end
 
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 common.auth(wrk)
-wrk.body = "[" .. table.concat(parts, ",") .. "]"
+wrk.body = common.batch(n)
 
 events_per_request = n
 done = common.done

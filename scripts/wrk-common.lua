@@ -19,6 +19,15 @@ function M.event(i)
     100000 + i, i % 977, (i * 7919) % 100000, 1 + i % 4, stream)
 end
 
+-- A batch body: a JSON array of n events.
+function M.batch(n)
+  local parts = {}
+  for i = 1, n do
+    parts[i] = M.event(i)
+  end
+  return "[" .. table.concat(parts, ",") .. "]"
+end
+
 function M.auth(w)
   local key = os.getenv("API_KEY")
   if key and key ~= "" then
