@@ -100,23 +100,25 @@ pub fn key_matches(expected: &[u8], given: &[u8]) -> bool {
 /// The API key the request presents: a header, or (for `/events/subscribe`,
 /// since a browser's EventSource cannot set headers) `api_key` in the query.
 /// None when the server has no key configured.
-pub fn presented_key(
+pub fn presented_key<'a>(
     shard: &Shard,
     head: &RequestHead,
     query: &str,
-    buf: &[u8],
-) -> Option<Vec<u8>> {
+    buf: &'a [u8],
+) -> Option<std::borrow::Cow<'a, [u8]>> {
+    use std::borrow::Cow;
     if !shard.auth_required() {
         return None;
     }
     match &head.api_key {
-        Some(r) => Some(buf[r.clone()].to_vec()),
+        // Borrowed from the request: no allocation per request.
+        Some(r) => Some(Cow::Borrowed(&buf[r.clone()])),
         None => {
             let path = &buf[head.path.clone()];
             (path == b"/events/subscribe")
                 .then(|| crate::sse::query_param(query, "api_key"))
                 .flatten()
-                .map(String::into_bytes)
+                .map(|k| Cow::Owned(k.into_bytes()))
         }
     }
 }
