@@ -27,33 +27,45 @@ fn fields(line: &str) -> HashMap<String, f64> {
         .collect()
 }
 
-#[test]
-fn bench_ingest_runs_in_small_mode() {
-    if !have("wrk") {
-        eprintln!(
-            "SKIPPED bench_ingest_runs_in_small_mode: wrk is not installed (apt-get install wrk)"
-        );
-        return;
+/// Run `scripts/<script>` against this build with `env`, asserting it
+/// succeeded; its stdout. None (said on stderr) when a tool in `needs` is
+/// missing (`.ci/run` installs them).
+fn run_script(test: &str, needs: &[&str], script: &str, env: &[(&str, &str)]) -> Option<String> {
+    if let Some(missing) = needs.iter().find(|t| !have(t)) {
+        eprintln!("SKIPPED {test}: {missing} is not installed (apt-get install {missing})");
+        return None;
     }
     let out = Command::new("bash")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/scripts/bench-ingest.sh"
-        ))
+        .arg(format!("{}/scripts/{script}", env!("CARGO_MANIFEST_DIR")))
         .env("SHARDCAST_BIN", common::BIN)
-        .env("DURATION", "1s")
-        .env("RUNS", "1")
-        .env("CONNECTIONS", "8")
-        .env("THREADS", "1")
-        .env("BATCH_SIZE", "20")
+        .envs(env.iter().copied())
         .output()
-        .expect("run scripts/bench-ingest.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+        .unwrap_or_else(|e| panic!("run scripts/{script}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "bench-ingest failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        "{script} failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
+    Some(stdout)
+}
+
+#[test]
+fn bench_ingest_runs_in_small_mode() {
+    let Some(stdout) = run_script(
+        "bench_ingest_runs_in_small_mode",
+        &["wrk"],
+        "bench-ingest.sh",
+        &[
+            ("DURATION", "1s"),
+            ("RUNS", "1"),
+            ("CONNECTIONS", "8"),
+            ("THREADS", "1"),
+            ("BATCH_SIZE", "20"),
+        ],
+    ) else {
+        return;
+    };
     let line = |name: &str| {
         stdout
             .lines()
@@ -87,21 +99,19 @@ fn bench_ingest_runs_in_small_mode() {
 #[test]
 fn bench_sse_runs_in_small_mode() {
     // Needs only the binary; nchan is compared when installed.
-    let out = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench-sse.sh"))
-        .env("SHARDCAST_BIN", common::BIN)
-        .env("SUBSCRIBERS", "50")
-        .env("EVENTS", "20")
-        .env("RUNS", "1")
-        .env("DRAIN_SECS", "20")
-        .output()
-        .expect("run scripts/bench-sse.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "bench-sse failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+    let Some(stdout) = run_script(
+        "bench_sse_runs_in_small_mode",
+        &[],
+        "bench-sse.sh",
+        &[
+            ("SUBSCRIBERS", "50"),
+            ("EVENTS", "20"),
+            ("RUNS", "1"),
+            ("DRAIN_SECS", "20"),
+        ],
+    ) else {
+        return;
+    };
     let sc = stdout
         .lines()
         .find(|l| l.starts_with("MEDIAN shardcast n=50 "))
@@ -123,29 +133,20 @@ fn bench_sse_runs_in_small_mode() {
 
 #[test]
 fn bench_reads_runs_in_small_mode() {
-    if !have("wrk") || !have("curl") {
-        eprintln!("SKIPPED bench_reads_runs_in_small_mode: wrk or curl is not installed");
+    let Some(stdout) = run_script(
+        "bench_reads_runs_in_small_mode",
+        &["wrk", "curl"],
+        "bench-reads.sh",
+        &[
+            ("EVENTS", "5000"),
+            ("DURATION", "1s"),
+            ("RUNS", "1"),
+            ("CONNECTIONS", "8"),
+            ("THREADS", "1"),
+        ],
+    ) else {
         return;
-    }
-    let out = Command::new("bash")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/scripts/bench-reads.sh"
-        ))
-        .env("SHARDCAST_BIN", common::BIN)
-        .env("EVENTS", "5000")
-        .env("DURATION", "1s")
-        .env("RUNS", "1")
-        .env("CONNECTIONS", "8")
-        .env("THREADS", "1")
-        .output()
-        .expect("run scripts/bench-reads.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "bench-reads failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+    };
     for name in ["position", "consumer", "load10k"] {
         let m = stdout
             .lines()
@@ -166,33 +167,22 @@ fn bench_reads_runs_in_small_mode() {
 
 #[test]
 fn bench_tenants_runs_in_small_mode() {
-    if !have("wrk") {
-        eprintln!(
-            "SKIPPED bench_tenants_runs_in_small_mode: wrk is not installed (apt-get install wrk)"
-        );
-        return;
-    }
-    let out = Command::new("bash")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/scripts/bench-tenants.sh"
-        ))
-        .env("SHARDCAST_BIN", common::BIN)
-        .env("TENANTS", "1 3")
-        .env("DURATION", "1s")
-        .env("RUNS", "1")
-        .env("CONNECTIONS", "6")
-        .env("THREADS", "1")
-        .env("BATCH_SIZE", "20")
-        .output()
-        .expect("run scripts/bench-tenants.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
     // The script exits non-zero when a tenant stored fewer events than acknowledged.
-    assert!(
-        out.status.success(),
-        "bench-tenants failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+    let Some(stdout) = run_script(
+        "bench_tenants_runs_in_small_mode",
+        &["wrk"],
+        "bench-tenants.sh",
+        &[
+            ("TENANTS", "1 3"),
+            ("DURATION", "1s"),
+            ("RUNS", "1"),
+            ("CONNECTIONS", "6"),
+            ("THREADS", "1"),
+            ("BATCH_SIZE", "20"),
+        ],
+    ) else {
+        return;
+    };
     for t in ["1", "3"] {
         let line = stdout
             .lines()
