@@ -107,7 +107,7 @@ impl Admission {
         .closing();
         e.retry_after_secs = Some(cfg.writer.retry_after_secs);
         let mut refusal = Vec::with_capacity(256);
-        e.write(&mut refusal, false);
+        e.write(&mut refusal, false, None);
         Admission {
             open: Cell::new(0),
             max_open,

@@ -84,6 +84,9 @@ pub struct RequestHead {
     pub accept_json: bool,
     /// An `X-Forwarded-For` header is present (read only from trusted proxies).
     pub forwarded_for: bool,
+    /// More than one distinct credential (two `X-API-Key`s, or a key and a
+    /// bearer token that differ): the request is refused, not guessed at.
+    pub ambiguous_credentials: bool,
 }
 
 /// An error answer. `close` ends the connection after it is written.
@@ -115,7 +118,8 @@ impl ApiError {
         self.close = true;
         self
     }
-    pub fn write(&self, out: &mut Vec<u8>, keep_alive: bool) {
+    /// The answer this error is: a JSON body, its status and headers.
+    pub fn into_response(self) -> Response {
         let mut body = Vec::with_capacity(64 + self.message.len());
         body.extend_from_slice(b"{\"error\":{\"code\":");
         crate::event::push_json_str(&mut body, self.code);
@@ -126,24 +130,99 @@ impl ApiError {
             body.extend_from_slice(extra.as_bytes());
         }
         body.extend_from_slice(b"}}");
-        let mut extra: Vec<(&str, String)> = Vec::new();
+        let mut r = Response::json(self.status, body);
         if let Some(a) = self.allow {
-            extra.push(("Allow", a.to_string()));
+            r.headers.push(("Allow", a.to_string()));
         }
         if let Some(s) = self.retry_after_secs {
-            extra.push(("Retry-After", s.to_string()));
+            r.headers.push(("Retry-After", s.to_string()));
         }
         if self.status == 401 {
-            extra.push(("WWW-Authenticate", "Bearer".to_string()));
+            r.headers.push(("WWW-Authenticate", "Bearer".to_string()));
         }
-        write_response(
+        r.close = self.close;
+        r
+    }
+
+    /// Append this error's whole answer to `out`.
+    pub fn write(self, out: &mut Vec<u8>, keep_alive: bool, cors: Option<&str>) {
+        self.into_response().write(out, keep_alive, false, cors);
+    }
+}
+
+/// An answer's body.
+pub enum Body {
+    Empty,
+    Static(&'static [u8]),
+    Bytes(Vec<u8>),
+    /// A read's answer (JSON array parts joined as they are written).
+    Read(crate::reader::Answer),
+}
+
+impl Body {
+    fn len(&self) -> usize {
+        match self {
+            Body::Empty => 0,
+            Body::Static(b) => b.len(),
+            Body::Bytes(b) => b.len(),
+            Body::Read(a) => a.len(),
+        }
+    }
+}
+
+/// An answer as a value: handlers return it, the connection loop writes it
+/// once (with the CORS lines and `Connection: close` it decides), and reads
+/// its status from here, never back from written bytes.
+pub struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Body,
+    /// The connection ends after this answer.
+    pub close: bool,
+}
+
+impl Response {
+    pub fn new(status: u16, content_type: &'static str, body: Body) -> Response {
+        Response {
+            status,
+            content_type,
+            headers: Vec::new(),
+            body,
+            close: false,
+        }
+    }
+
+    pub fn json(status: u16, body: Vec<u8>) -> Response {
+        Response::new(status, JSON, Body::Bytes(body))
+    }
+
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Response {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    /// Append the whole answer to `out`: status line, headers (the CORS
+    /// `lines` among them), and the body unless it answers a HEAD request.
+    pub fn write(&self, out: &mut Vec<u8>, keep_alive: bool, is_head: bool, cors: Option<&str>) {
+        write_head(
             out,
             self.status,
-            JSON,
-            &extra,
-            &body,
+            self.content_type,
+            &self.headers,
+            cors,
+            self.body.len(),
             keep_alive && !self.close,
         );
+        if is_head {
+            return;
+        }
+        match &self.body {
+            Body::Empty => {}
+            Body::Static(b) => out.extend_from_slice(b),
+            Body::Bytes(b) => out.extend_from_slice(b),
+            Body::Read(a) => a.write_to(out),
+        }
     }
 }
 
@@ -176,26 +255,15 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Append a whole response: status line, headers, body.
-pub fn write_response(
-    out: &mut Vec<u8>,
-    status: u16,
-    content_type: &str,
-    extra: &[(&str, String)],
-    body: &[u8],
-    keep_alive: bool,
-) {
-    write_head(out, status, content_type, extra, body.len(), keep_alive);
-    out.extend_from_slice(body);
-}
-
 /// The status line and headers of an answer whose body (of `body_len`
-/// bytes) the caller appends.
+/// bytes) the caller appends. `cors` holds whole header lines (each ending
+/// in CRLF).
 pub fn write_head(
     out: &mut Vec<u8>,
     status: u16,
     content_type: &str,
     extra: &[(&str, String)],
+    cors: Option<&str>,
     body_len: usize,
     keep_alive: bool,
 ) {
@@ -218,6 +286,9 @@ pub fn write_head(
         out.extend_from_slice(b": ");
         out.extend_from_slice(v.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if let Some(lines) = cors {
+        out.extend_from_slice(lines.as_bytes());
     }
     if !keep_alive {
         out.extend_from_slice(b"Connection: close\r\n");
@@ -305,7 +376,9 @@ pub fn parse_head(buf: &[u8], max_header_bytes: usize) -> Parsed {
         );
     }
     let version = req.version.unwrap_or(1);
-    let target = req.path.unwrap_or("/");
+    // Absolute-form (`GET http://host/path`), which servers must accept
+    // (RFC 9112 §3.2.2): the path is what follows the authority.
+    let target = origin_form(req.path.unwrap_or("/"));
     let target_range = range_of(buf, target.as_bytes());
     let (path, query) = match target.find('?') {
         Some(q) => (
@@ -330,19 +403,22 @@ pub fn parse_head(buf: &[u8], max_header_bytes: usize) -> Parsed {
         accept_gzip: false,
         accept_json: false,
         forwarded_for: false,
+        ambiguous_credentials: false,
     };
+    let mut hosts = 0;
     for h in req.headers.iter() {
         let name = h.name;
         let value = trim(h.value);
         if name.eq_ignore_ascii_case("content-length") {
-            let parsed = std::str::from_utf8(value)
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok());
-            match (parsed, head.content_length) {
+            match (content_length(value), head.content_length) {
                 (None, _) => {
                     return Parsed::Invalid(
-                        ApiError::new(400, "bad_content_length", "Content-Length is not a number")
-                            .closing(),
+                        ApiError::new(
+                            400,
+                            "bad_content_length",
+                            "Content-Length must be a decimal number of digits only (no sign, no leading zero)",
+                        )
+                        .closing(),
                     )
                 }
                 (Some(a), Some(b)) if a != b => {
@@ -378,11 +454,13 @@ pub fn parse_head(buf: &[u8], max_header_bytes: usize) -> Parsed {
             } else {
                 ContentType::Other
             };
+        } else if name.eq_ignore_ascii_case("host") {
+            hosts += 1;
         } else if name.eq_ignore_ascii_case("x-api-key") {
-            head.api_key = Some(range_of(buf, value));
-        } else if name.eq_ignore_ascii_case("authorization") && head.api_key.is_none() {
+            head.credential(buf, value);
+        } else if name.eq_ignore_ascii_case("authorization") {
             if value.len() > 7 && value[..7].eq_ignore_ascii_case(b"bearer ") {
-                head.api_key = Some(range_of(buf, trim(&value[7..])));
+                head.credential(buf, trim(&value[7..]));
             }
         } else if name.eq_ignore_ascii_case("accept-encoding") {
             head.accept_gzip = value.split(|c| *c == b',').any(|coding| {
@@ -408,6 +486,21 @@ pub fn parse_head(buf: &[u8], max_header_bytes: usize) -> Parsed {
             head.expect_continue = value.eq_ignore_ascii_case(b"100-continue");
         }
     }
+    // RFC 9112 §3.2: exactly one Host in HTTP/1.1, at most one in 1.0.
+    if hosts > 1 || (hosts == 0 && version == 1) {
+        return Parsed::Invalid(
+            ApiError::new(
+                400,
+                "bad_host",
+                if hosts > 1 {
+                    "more than one Host header"
+                } else {
+                    "an HTTP/1.1 request needs a Host header"
+                },
+            )
+            .closing(),
+        );
+    }
     if head.chunked && head.content_length.is_some() {
         // Request smuggling territory: refuse rather than pick one.
         return Parsed::Invalid(
@@ -420,6 +513,55 @@ pub fn parse_head(buf: &[u8], max_header_bytes: usize) -> Parsed {
         );
     }
     Parsed::Complete(head)
+}
+
+impl RequestHead {
+    /// A presented key: the first is kept; another that differs makes the
+    /// request ambiguous (whichever came first).
+    fn credential(&mut self, buf: &[u8], value: &[u8]) {
+        match &self.api_key {
+            None => self.api_key = Some(range_of(buf, value)),
+            Some(r) if buf[r.clone()] != *value => self.ambiguous_credentials = true,
+            Some(_) => {}
+        }
+    }
+}
+
+/// A Content-Length value: `1*DIGIT` (RFC 9110 §8.6), refusing a sign,
+/// inner spaces and leading zeros, which parsers elsewhere read differently
+/// (a request smuggling vector), and values that overflow.
+fn content_length(value: &[u8]) -> Option<usize> {
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    if value.len() > 1 && value[0] == b'0' {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// The origin-form of a request target: an absolute-form target
+/// (`http://host:port/path?q`) without its scheme and authority.
+fn origin_form(target: &str) -> &str {
+    let starts = |p: &str| {
+        target
+            .as_bytes()
+            .get(..p.len())
+            .is_some_and(|t| t.eq_ignore_ascii_case(p.as_bytes()))
+    };
+    let after = if starts("http://") {
+        7
+    } else if starts("https://") {
+        8
+    } else {
+        return target;
+    };
+    let rest = &target[after..];
+    match rest.find(['/', '?']) {
+        Some(i) => &rest[i..],
+        // `http://host` alone asks for the root.
+        None => &rest[rest.len()..],
+    }
 }
 
 /// The connection's read side: a buffer, how much of it holds data, and where
@@ -565,7 +707,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
             match parse_head(rb.pending(), cfg.max_header_bytes) {
                 Parsed::Complete(h) => break h,
                 Parsed::Invalid(e) => {
-                    e.write(&mut out, false);
+                    e.write(&mut out, false, None);
                     let _ = flush(&mut stream, &mut out).await;
                     return;
                 }
@@ -603,7 +745,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
                         "request did not arrive within server.read_timeout",
                     )
                     .closing()
-                    .write(&mut out, false);
+                    .write(&mut out, false, None);
                     let _ = flush(&mut stream, &mut out).await;
                     return;
                 }
@@ -620,9 +762,8 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
             .origin
             .clone()
             .and_then(|r| cors_lines(&shard.cfg.server, &pending[r]));
-        let answer_start = out.len();
         if head.method == Method::Options && route::is_endpoint(path) {
-            preflight(&mut out, cors.as_deref(), keep_alive);
+            preflight(cors.is_some()).write(&mut out, keep_alive, false, cors.as_deref());
             let body_len = head.content_length.unwrap_or(0);
             if head.chunked || rb.pending().len() < head.head_len + body_len {
                 let _ = flush(&mut stream, &mut out).await;
@@ -665,8 +806,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
                         || !keep_alive
                         || head.chunked
                         || rb.pending().len() < head.head_len + body_len;
-                    e.write(&mut out, keep_alive && !close);
-                    add_cors(&mut out, answer_start, cors.as_deref());
+                    e.write(&mut out, keep_alive && !close, cors.as_deref());
                     if close {
                         let _ = flush(&mut stream, &mut out).await;
                         return;
@@ -719,7 +859,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
                 .last_event_id
                 .clone()
                 .map(|r| String::from_utf8_lossy(&pending[r]).into_owned());
-            let key = route::presented_key(&shard, &head, query, pending);
+            // `resolve` has refused an ambiguous key already.
+            let key = route::presented_key(&shard, &head, query, pending)
+                .ok()
+                .flatten();
             let parsed = crate::sse::subscription(query, last_id.as_deref(), key.as_deref());
             shard.metrics.request(
                 route.metric_index(),
@@ -756,8 +899,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
                     return;
                 }
                 Err(e) => {
-                    e.write(&mut out, keep_alive);
-                    add_cors(&mut out, answer_start, cors.as_deref());
+                    e.write(&mut out, keep_alive, cors.as_deref());
                     if !keep_alive {
                         let _ = flush(&mut stream, &mut out).await;
                         return;
@@ -797,7 +939,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
                         "request body did not arrive within server.read_timeout",
                     )
                     .closing()
-                    .write(&mut out, false);
+                    .write(&mut out, false, cors.as_deref());
                     let _ = flush(&mut stream, &mut out).await;
                     return;
                 }
@@ -807,24 +949,16 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
 
         // 4. Answer.
         let req = &rb.buf[rb.start..rb.start + head.head_len + body_len];
-        let close = route::handle(
-            &shard,
-            tenant.as_deref(),
-            route,
-            &head,
-            req,
-            &mut out,
-            keep_alive,
-        )
-        .await;
+        let answer = route::handle(&shard, tenant.as_deref(), route, &head, req).await;
         shard.metrics.request(
             route.metric_index(),
-            status_of(&out[answer_start..]),
+            answer.status,
             request_started.elapsed().as_micros() as u64,
         );
-        add_cors(&mut out, answer_start, cors.as_deref());
+        let is_head = head.method == Method::Head;
+        answer.write(&mut out, keep_alive, is_head, cors.as_deref());
         rb.consume(head.head_len + body_len);
-        if close || !keep_alive {
+        if answer.close || !keep_alive {
             let _ = flush(&mut stream, &mut out).await;
             return;
         }
@@ -870,32 +1004,20 @@ pub fn cors_lines(cfg: &crate::config::ServerConfig, origin: &[u8]) -> Option<St
     Some(s)
 }
 
-/// Insert CORS lines into the answer that starts at `start` in `out`, after
-/// its status line.
-pub fn add_cors(out: &mut Vec<u8>, start: usize, cors: Option<&str>) {
-    let Some(lines) = cors else { return };
-    if let Some(eol) = out[start..].windows(2).position(|w| w == b"\r\n") {
-        let at = start + eol + 2;
-        out.splice(at..at, lines.bytes());
-    }
-}
-
 /// An OPTIONS request to an endpoint: the CORS preflight (or plain OPTIONS).
-fn preflight(out: &mut Vec<u8>, cors: Option<&str>, keep_alive: bool) {
-    out.extend_from_slice(b"HTTP/1.1 204 No Content\r\nServer: shardcast\r\n");
-    out.extend_from_slice(b"Allow: GET, HEAD, POST, PUT, OPTIONS\r\n");
-    if let Some(lines) = cors {
-        out.extend_from_slice(lines.as_bytes());
-        out.extend_from_slice(
-            b"Access-Control-Allow-Methods: GET, HEAD, POST, PUT, OPTIONS\r\n\
-Access-Control-Allow-Headers: Content-Type, X-API-Key, Authorization, Last-Event-ID\r\n\
-Access-Control-Max-Age: 600\r\n",
-        );
+/// `allowed`: the origin may have it (its CORS lines go out beside these).
+fn preflight(allowed: bool) -> Response {
+    const METHODS: &str = "GET, HEAD, POST, PUT, OPTIONS";
+    let r = Response::new(204, JSON, Body::Empty).header("Allow", METHODS);
+    if !allowed {
+        return r;
     }
-    if !keep_alive {
-        out.extend_from_slice(b"Connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
+    r.header("Access-Control-Allow-Methods", METHODS)
+        .header(
+            "Access-Control-Allow-Headers",
+            "Content-Type, X-API-Key, Authorization, Last-Event-ID",
+        )
+        .header("Access-Control-Max-Age", "600")
 }
 
 async fn flush(stream: &mut TcpStream, out: &mut Vec<u8>) -> io::Result<()> {
@@ -941,15 +1063,6 @@ async fn read_more(
     }
 }
 
-/// The status code of an answer written into a buffer (`HTTP/1.1 NNN …`).
-fn status_of(answer: &[u8]) -> u16 {
-    answer
-        .get(9..12)
-        .and_then(|d| std::str::from_utf8(d).ok())
-        .and_then(|d| d.parse().ok())
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -977,7 +1090,7 @@ mod tests {
 
     #[test]
     fn connection_semantics() {
-        assert!(!head("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").keep_alive);
+        assert!(!head("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").keep_alive);
         assert!(!head("GET / HTTP/1.0\r\n\r\n").keep_alive);
         assert!(head("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").keep_alive);
     }
@@ -997,10 +1110,109 @@ mod tests {
             Parsed::Invalid(e) => assert_eq!(e.status, 431),
             _ => panic!(),
         }
-        match parse_head(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n", 16384) {
+        match parse_head(
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n",
+            16384,
+        ) {
             Parsed::Invalid(e) => assert_eq!(e.status, 400),
             _ => panic!(),
         }
+    }
+
+    fn refused(raw: &str) -> ApiError {
+        match parse_head(raw.as_bytes(), 16384) {
+            Parsed::Invalid(e) => e,
+            Parsed::Complete(_) => panic!("accepted: {raw:?}"),
+            Parsed::Partial => panic!("partial: {raw:?}"),
+        }
+    }
+
+    #[test]
+    fn content_length_is_digits_only() {
+        for v in [
+            "+15",
+            "-1",
+            "015",
+            "00",
+            "1 5",
+            "0x10",
+            "15,15",
+            "",
+            "99999999999999999999999",
+        ] {
+            let raw = format!("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {v}\r\n\r\n");
+            let e = refused(&raw);
+            assert_eq!((e.status, e.code), (400, "bad_content_length"), "{v:?}");
+            assert!(e.close, "a framing error ends the connection");
+        }
+        // Optional whitespace around a field value is not part of it (RFC 9112 §5).
+        for (v, n) in [("0", 0), ("15", 15), (" 15 ", 15), ("\t7", 7)] {
+            let raw = format!("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {v}\r\n\r\n");
+            assert_eq!(head(&raw).content_length, Some(n), "{v:?}");
+        }
+        let e =
+            refused("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n");
+        assert_eq!(e.code, "bad_content_length");
+        let h =
+            head("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n");
+        assert_eq!(h.content_length, Some(2));
+    }
+
+    #[test]
+    fn exactly_one_host() {
+        let e = refused("GET / HTTP/1.1\r\n\r\n");
+        assert_eq!((e.status, e.code), (400, "bad_host"));
+        let e = refused("GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n");
+        assert_eq!((e.status, e.code), (400, "bad_host"));
+        let e = refused("GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n");
+        assert_eq!(e.code, "bad_host");
+        // HTTP/1.0 had no Host requirement.
+        head("GET / HTTP/1.0\r\n\r\n");
+    }
+
+    #[test]
+    fn absolute_form_targets_are_served_by_path() {
+        for (target, path, query) in [
+            ("http://example.com/health", "/health", ""),
+            (
+                "HTTPS://example.com:8443/events?from=3",
+                "/events",
+                "from=3",
+            ),
+            ("http://example.com?x=1", "", "x=1"),
+            ("http://example.com", "", ""),
+            ("/plain?y", "/plain", "y"),
+            ("*", "*", ""),
+        ] {
+            let raw = format!("GET {target} HTTP/1.1\r\nHost: a\r\n\r\n");
+            let h = head(&raw);
+            assert_eq!(&raw[h.path.clone()], path, "{target}");
+            assert_eq!(&raw[h.query.clone()], query, "{target}");
+        }
+    }
+
+    #[test]
+    fn distinct_credentials_are_ambiguous_in_any_order() {
+        let two =
+            |a: &str, b: &str| head(&format!("GET / HTTP/1.1\r\nHost: a\r\n{a}\r\n{b}\r\n\r\n"));
+        for (a, b) in [
+            ("X-API-Key: one", "X-API-Key: two"),
+            ("X-API-Key: one", "Authorization: Bearer two"),
+            ("Authorization: Bearer one", "X-API-Key: two"),
+            ("Authorization: Bearer one", "Authorization: bearer two"),
+        ] {
+            assert!(two(a, b).ambiguous_credentials, "{a} / {b}");
+            assert!(two(b, a).ambiguous_credentials, "{b} / {a}");
+        }
+        // The same key twice is one credential.
+        let raw =
+            "GET / HTTP/1.1\r\nHost: a\r\nX-API-Key: one\r\nAuthorization: Bearer one\r\n\r\n";
+        let h = head(raw);
+        assert!(!h.ambiguous_credentials);
+        assert_eq!(&raw[h.api_key.clone().unwrap()], "one");
+        // Another scheme is no API key at all.
+        let h = two("Authorization: Basic Zm9vOmJhcg==", "X-API-Key: one");
+        assert!(!h.ambiguous_credentials);
     }
 
     #[test]
@@ -1008,7 +1220,7 @@ mod tests {
         let mut out = Vec::new();
         let mut e = ApiError::new(405, "method_not_allowed", "use \"POST\"");
         e.allow = Some("POST");
-        e.write(&mut out, true);
+        e.write(&mut out, true, None);
         let s = String::from_utf8(out).unwrap();
         assert!(s.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"));
         assert!(s.contains("\r\nAllow: POST\r\n"));

@@ -45,6 +45,7 @@ pub mod http;
 pub mod ids;
 pub mod index;
 pub mod limits;
+pub mod log;
 pub mod metrics;
 pub mod ratelimit;
 pub mod reader;

@@ -141,6 +141,9 @@ fn init_logs(cfg: &Config) {
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(&cfg.log.level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // A full disk or a closed pipe loses log lines; it must not panic
+        // (tracing would otherwise report the failed write with `eprintln!`).
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     match cfg.log.format {
         LogFormat::Json => builder.json().init(),
@@ -180,7 +183,7 @@ fn load_once(args: ConfigArgs) -> Option<Config> {
     match Config::load(file.as_deref(), &CliEnv { tenants_file }) {
         Ok(c) => Some(c),
         Err(e) => {
-            eprintln!("shardcast: {e}");
+            shardcast::say_err!("shardcast: {e}");
             None
         }
     }
@@ -210,11 +213,11 @@ fn main() -> ExitCode {
             let source = match shardcast::cli::backup_source(&cfg, tenant.as_deref()) {
                 Ok(s) => s,
                 Err(e) => {
-                    eprintln!("shardcast backup: {e}");
+                    shardcast::say_err!("shardcast backup: {e}");
                     return ExitCode::from(2);
                 }
             };
-            eprintln!(
+            shardcast::say_err!(
                 "backing up {} ({}) to {}",
                 source.name,
                 source.database.path.display(),
@@ -223,14 +226,18 @@ fn main() -> ExitCode {
             return match shardcast::cli::backup(&source.database.path, &out, &mut std::io::stderr())
             {
                 Ok(r) => {
-                    println!(
+                    shardcast::say!(
                         "backup of {} complete: {} events up to position {}, {} pages, {:.2} s",
-                        source.name, r.events, r.head, r.pages, r.seconds
+                        source.name,
+                        r.events,
+                        r.head,
+                        r.pages,
+                        r.seconds
                     );
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("shardcast backup: {e}");
+                    shardcast::say_err!("shardcast backup: {e}");
                     ExitCode::from(1)
                 }
             };
@@ -244,7 +251,7 @@ fn main() -> ExitCode {
             ) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("shardcast config: {e}");
+                    shardcast::say_err!("shardcast config: {e}");
                     ExitCode::from(2)
                 }
             };
@@ -266,7 +273,7 @@ fn main() -> ExitCode {
     let cfg = match load() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("shardcast: {e}");
+            shardcast::say_err!("shardcast: {e}");
             return ExitCode::from(2);
         }
     };
@@ -275,7 +282,7 @@ fn main() -> ExitCode {
     match shardcast::server::run(cfg, reload) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("shardcast: {e}");
+            shardcast::say_err!("shardcast: {e}");
             ExitCode::from(1)
         }
     }
@@ -303,11 +310,11 @@ fn bench_sse(a: SseArgs) -> ExitCode {
     };
     match shardcast::bench::run_sse(b) {
         Ok(r) => {
-            println!("{}", r.line());
+            shardcast::say!("{}", r.line());
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("shardcast bench sse: {e}");
+            shardcast::say_err!("shardcast bench sse: {e}");
             ExitCode::from(1)
         }
     }

@@ -32,8 +32,7 @@ pub async fn serve(
         Ok(p) => p,
         Err(e) => {
             let mut out = Vec::new();
-            e.write(&mut out, keep_alive);
-            crate::http::add_cors(&mut out, 0, cors);
+            e.write(&mut out, keep_alive, cors);
             stream.write_all(&out).await?;
             return Ok(true);
         }

@@ -4,8 +4,7 @@
 //! `WriterClient` and are answered only after their commit.
 
 use crate::event::{self, encode_event, Parser};
-use crate::http::{write_response, ApiError, ContentType, Method, RequestHead, JSON};
-use crate::reader::Answer;
+use crate::http::{ApiError, Body, ContentType, Method, RequestHead, Response};
 use crate::shard::{Caller, Shard, Submit, Tenant};
 use crate::tenant::Access;
 use crate::writer::{AppendKind, Outcome};
@@ -99,28 +98,38 @@ pub fn key_matches(expected: &[u8], given: &[u8]) -> bool {
 
 /// The API key the request presents: a header, or (for `/events/subscribe`,
 /// since a browser's EventSource cannot set headers) `api_key` in the query.
-/// None when the server has no key configured.
+/// None when the server has no key configured. More than one distinct key
+/// (in any order, in any of those places) is 400 `ambiguous_credentials`:
+/// picking one would decide the tenant by header order.
 pub fn presented_key<'a>(
     shard: &Shard,
     head: &RequestHead,
     query: &str,
     buf: &'a [u8],
-) -> Option<std::borrow::Cow<'a, [u8]>> {
+) -> Result<Option<std::borrow::Cow<'a, [u8]>>, ApiError> {
     use std::borrow::Cow;
-    if !shard.auth_required() {
-        return None;
+    let in_query = (buf[head.path.clone()] == *b"/events/subscribe")
+        .then(|| crate::sse::query_param(query, "api_key"))
+        .flatten();
+    let differ = match (&head.api_key, &in_query) {
+        (Some(r), Some(q)) => buf[r.clone()] != *q.as_bytes(),
+        _ => false,
+    };
+    if head.ambiguous_credentials || differ {
+        return Err(ApiError::new(
+            400,
+            "ambiguous_credentials",
+            "the request presents more than one API key; send exactly one",
+        ));
     }
-    match &head.api_key {
+    if !shard.auth_required() {
+        return Ok(None);
+    }
+    Ok(match &head.api_key {
         // Borrowed from the request: no allocation per request.
         Some(r) => Some(Cow::Borrowed(&buf[r.clone()])),
-        None => {
-            let path = &buf[head.path.clone()];
-            (path == b"/events/subscribe")
-                .then(|| crate::sse::query_param(query, "api_key"))
-                .flatten()
-                .map(|k| Cow::Owned(k.into_bytes()))
-        }
-    }
+        None => in_query.map(|k| Cow::Owned(k.into_bytes())),
+    })
 }
 
 /// Whether a path is one of ours (for OPTIONS).
@@ -221,7 +230,7 @@ pub fn resolve(
         ));
     } else {
         let query = std::str::from_utf8(&buf[head.query.clone()]).unwrap_or("");
-        let given = presented_key(shard, head, query, buf).unwrap_or_default();
+        let given = presented_key(shard, head, query, buf)?.unwrap_or_default();
         let forbidden = |msg: &str| ApiError::new(403, "forbidden", msg);
         match shard.caller(&given) {
             Caller::Tenant(_, _) if route == Route::Tenants => {
@@ -309,8 +318,6 @@ struct Req<'a> {
     head: &'a RequestHead,
     /// The whole request: head, then body.
     raw: &'a [u8],
-    keep_alive: bool,
-    is_head: bool,
 }
 
 impl Req<'_> {
@@ -320,37 +327,29 @@ impl Req<'_> {
     }
 }
 
-/// Answer one request into `out`. Returns true when the connection must close.
+/// The answer to one request (`http` writes it, HEAD or not).
 pub async fn handle(
     shard: &Rc<Shard>,
     tenant: Option<&Tenant>,
     route: Route,
     head: &RequestHead,
     raw: &[u8],
-    out: &mut Vec<u8>,
-    keep_alive: bool,
-) -> bool {
-    let r = &Req {
-        shard,
-        head,
-        raw,
-        keep_alive,
-        is_head: head.method == Method::Head,
-    };
+) -> Response {
+    let r = &Req { shard, head, raw };
     // Reads and the operator's endpoints are boxed: the state of their
     // awaits (reader jobs, scrapes) would otherwise sit in every
     // connection's task whatever it is doing (handler state 592 → 216
     // bytes). Appends and LMDB lookups, the hot path, stay unboxed.
     let result = match (route, tenant) {
-        (Route::Health, _) => Box::pin(health(r, out)).await,
-        (Route::Tenants, _) => tenants(r, out),
-        (Route::Metrics, t) => Box::pin(metrics(r, t, out)).await,
-        (Route::Position, Some(t)) => position(r, t, out),
-        (Route::Load, Some(t)) => Box::pin(load(r, t, out)).await,
-        (Route::StreamRead, Some(t)) => Box::pin(stream_read(r, t, out)).await,
-        (Route::ConsumerGet, Some(t)) => consumer_get(r, t, out),
-        (Route::ConsumerSet, Some(t)) => consumer_set(r, t, out).await,
-        (Route::AppendOne | Route::AppendBatch, Some(t)) => append(r, t, route, out).await,
+        (Route::Health, _) => Box::pin(health(r)).await,
+        (Route::Tenants, _) => tenants(r),
+        (Route::Metrics, t) => Box::pin(metrics(r, t)).await,
+        (Route::Position, Some(t)) => position(t),
+        (Route::Load, Some(t)) => Box::pin(load(r, t)).await,
+        (Route::StreamRead, Some(t)) => Box::pin(stream_read(r, t)).await,
+        (Route::ConsumerGet, Some(t)) => consumer_get(r, t),
+        (Route::ConsumerSet, Some(t)) => consumer_set(r, t).await,
+        (Route::AppendOne | Route::AppendBatch, Some(t)) => append(r, t, route).await,
         (Route::Subscribe | Route::Stream, _) => Err(ApiError::new(
             500,
             "internal",
@@ -362,23 +361,12 @@ pub async fn handle(
             "a tenant endpoint reached without a tenant",
         )),
     };
-    match result {
-        Ok(()) => false,
-        Err(e) => {
-            e.write(out, keep_alive);
-            e.close
-        }
-    }
+    result.unwrap_or_else(ApiError::into_response)
 }
 
-fn json_ok(out: &mut Vec<u8>, body: &[u8], keep_alive: bool, is_head: bool) {
-    if is_head {
-        let start = out.len();
-        write_response(out, 200, JSON, &[], body, keep_alive);
-        out.truncate(start + (out.len() - start - body.len()));
-    } else {
-        write_response(out, 200, JSON, &[], body, keep_alive);
-    }
+/// A 200 with a JSON body.
+fn json_ok(body: impl Into<Vec<u8>>) -> Result<Response, ApiError> {
+    Ok(Response::json(200, body.into()))
 }
 
 /// How long a scrape or a readiness check waits for a shard or the writer.
@@ -400,21 +388,19 @@ async fn ask<T, M>(tx: &flume::Sender<M>, make: impl FnOnce(flume::Sender<T>) ->
 /// writer answers, and every tenant's storage can take appends (the last
 /// commit did not fail, the write lock can be taken, the index is at the
 /// head, the disk has room); else 503 with the reasons.
-async fn health(r: &Req<'_>, out: &mut Vec<u8>) -> Result<(), ApiError> {
+async fn health(r: &Req<'_>) -> Result<Response, ApiError> {
     let Req {
         shard,
         head,
         raw: req,
-        keep_alive,
-        is_head,
-        ..
     } = *r;
     let q = r.query();
     match q.get("mode").as_deref() {
-        None | Some("liveness") => {
-            json_ok(out, br#"{"status":"healthy"}"#, keep_alive, is_head);
-            Ok(())
-        }
+        None | Some("liveness") => Ok(Response::new(
+            200,
+            crate::http::JSON,
+            Body::Static(br#"{"status":"healthy"}"#),
+        )),
         Some("readiness") => {
             let checks = ask(&shard.writer_control, crate::writer::WriterControl::Ready).await;
             let Some(checks) = checks else {
@@ -422,32 +408,44 @@ async fn health(r: &Req<'_>, out: &mut Vec<u8>) -> Result<(), ApiError> {
             };
             // Unauthenticated: tenants' names only to the admin key.
             let query = std::str::from_utf8(&req[head.query.clone()]).unwrap_or("");
-            let key = presented_key(shard, head, query, req).unwrap_or_default();
-            let named =
-                shard.tenant_names().is_none() || matches!(shard.caller(&key), Caller::Admin);
-            let name = |n: &str| {
-                if named {
-                    format!("{n}: ")
-                } else {
-                    "a tenant: ".into()
-                }
-            };
-            let unavailable: Vec<String> = shard
-                .tenant_unavailable()
-                .into_iter()
-                .map(|(n, why)| format!("{}{why}", name(&n)))
-                .collect();
+            // An ambiguous key is nobody's: no names.
+            let key = presented_key(shard, head, query, req)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            // Reasons name tenants and file paths: the details go to whoever
+            // may administer (the admin key; the server's key in
+            // single-tenant mode; anyone on an open loopback server).
+            let named = !shard.auth_required()
+                || match shard.caller(&key) {
+                    Caller::Admin => true,
+                    Caller::Tenant(_, access) => {
+                        shard.tenant_names().is_none() && access.allows(Access::ADMIN)
+                    }
+                    _ => false,
+                };
+            let unavailable = shard.tenant_unavailable();
             let failing: Vec<String> = checks
                 .iter()
-                .filter_map(|(n, r)| r.as_ref().err().map(|e| format!("{}{e}", name(n))))
-                .chain(unavailable)
+                .filter_map(|(n, r)| r.as_ref().err().map(|e| format!("{n}: {e}")))
+                .chain(
+                    unavailable
+                        .into_iter()
+                        .map(|(n, why)| format!("{n}: {why}")),
+                )
                 .collect();
             if !failing.is_empty() {
-                return Err(not_ready(shard, failing.join("; ")));
+                let why = if named {
+                    failing.join("; ")
+                } else {
+                    format!(
+                        "{} tenant(s) cannot take appends (an admin key sees which and why)",
+                        failing.len()
+                    )
+                };
+                return Err(not_ready(shard, why));
             }
-            let body = serde_json::json!({"status": "ready", "tenants": checks.len()}).to_string();
-            json_ok(out, body.as_bytes(), keep_alive, is_head);
-            Ok(())
+            json_ok(serde_json::json!({"status": "ready", "tenants": checks.len()}).to_string())
         }
         Some(other) => Err(invalid("mode", other, "liveness or readiness")),
     }
@@ -460,14 +458,8 @@ fn not_ready(shard: &Shard, why: String) -> ApiError {
 /// `GET /metrics`: every shard's and the writer's counters, summed now.
 /// Prometheus text; ebuse's JSON with `Accept: application/json` or
 /// `?format=json`. A tenant's key sees its tenant's series only.
-async fn metrics(r: &Req<'_>, tenant: Option<&Tenant>, out: &mut Vec<u8>) -> Result<(), ApiError> {
-    let Req {
-        shard,
-        head,
-        keep_alive,
-        is_head,
-        ..
-    } = *r;
+async fn metrics(r: &Req<'_>, tenant: Option<&Tenant>) -> Result<Response, ApiError> {
+    let Req { shard, head, .. } = *r;
     let q = r.query();
     let json = q.get("format").as_deref() == Some("json") || head.accept_json;
     let mut shards = Vec::with_capacity(shard.peers.len());
@@ -529,33 +521,20 @@ async fn metrics(r: &Req<'_>, tenant: Option<&Tenant>, out: &mut Vec<u8>) -> Res
                 "tenants": tenants.iter().map(per).collect::<Vec<_>>(),
             }),
         };
-        json_ok(out, body.to_string().as_bytes(), keep_alive, is_head);
-        return Ok(());
+        return json_ok(body.to_string());
     }
     let process = crate::metrics::ProcessSnapshot::read(shard.started);
     let text = crate::metrics::render(&shards, writer.as_ref(), &process, only);
-    write_response(
-        out,
+    Ok(Response::new(
         200,
         "text/plain; version=0.0.4; charset=utf-8",
-        &[],
-        text.as_bytes(),
-        keep_alive,
-    );
-    if is_head {
-        out.truncate(out.len() - text.len());
-    }
-    Ok(())
+        Body::Bytes(text.into_bytes()),
+    ))
 }
 
 /// `GET /tenants`, as ebuse answers it: `{"tenants": [...], "count": n}`.
-fn tenants(r: &Req<'_>, out: &mut Vec<u8>) -> Result<(), ApiError> {
-    let Req {
-        shard,
-        keep_alive,
-        is_head,
-        ..
-    } = *r;
+fn tenants(r: &Req<'_>) -> Result<Response, ApiError> {
+    let shard = r.shard;
     let names = shard.tenant_names().ok_or_else(|| {
         ApiError::new(
             404,
@@ -563,17 +542,10 @@ fn tenants(r: &Req<'_>, out: &mut Vec<u8>) -> Result<(), ApiError> {
             "single-tenant mode: there are no tenants to list",
         )
     })?;
-    let body = serde_json::json!({ "count": names.len(), "tenants": names }).to_string();
-    json_ok(out, body.as_bytes(), keep_alive, is_head);
-    Ok(())
+    json_ok(serde_json::json!({ "count": names.len(), "tenants": names }).to_string())
 }
 
-fn position(r: &Req<'_>, tenant: &Tenant, out: &mut Vec<u8>) -> Result<(), ApiError> {
-    let Req {
-        keep_alive,
-        is_head,
-        ..
-    } = *r;
+fn position(tenant: &Tenant) -> Result<Response, ApiError> {
     let head = tenant.index.head().map_err(|e| {
         ApiError::new(
             503,
@@ -585,23 +557,11 @@ fn position(r: &Req<'_>, tenant: &Tenant, out: &mut Vec<u8>) -> Result<(), ApiEr
     body.extend_from_slice(b"{\"position\":");
     body.extend_from_slice(itoa::Buffer::new().format(head).as_bytes());
     body.push(b'}');
-    json_ok(out, &body, keep_alive, is_head);
-    Ok(())
+    json_ok(body)
 }
 
-async fn append(
-    r: &Req<'_>,
-    tenant: &Tenant,
-    route: Route,
-    out: &mut Vec<u8>,
-) -> Result<(), ApiError> {
-    let Req {
-        shard,
-        raw,
-        head,
-        keep_alive,
-        ..
-    } = *r;
+async fn append(r: &Req<'_>, tenant: &Tenant, route: Route) -> Result<Response, ApiError> {
+    let Req { shard, raw, head } = *r;
     let body = &raw[head.head_len..];
     let parser = Parser::for_len(body.len(), shard.cfg.api.simd_json_min_bytes);
     let (kind, parsed) = {
@@ -627,21 +587,16 @@ async fn append(
         Outcome::One { event, duplicate } => {
             let mut b = Vec::with_capacity(128 + event.new.data.len());
             encode_event(&mut b, &event, duplicate);
-            write_response(out, 200, JSON, &[], &b, keep_alive);
-            Ok(())
+            json_ok(b)
         }
         Outcome::Batch {
             saved,
             duplicates,
             first_position,
             last_position,
-        } => {
-            let b = format!(
-                "{{\"saved\":{saved},\"first_position\":{first_position},\"last_position\":{last_position},\"duplicates\":{duplicates}}}"
-            );
-            write_response(out, 200, JSON, &[], b.as_bytes(), keep_alive);
-            Ok(())
-        }
+        } => json_ok(format!(
+            "{{\"saved\":{saved},\"first_position\":{first_position},\"last_position\":{last_position},\"duplicates\":{duplicates}}}"
+        )),
         Outcome::Conflict {
             stream,
             expected,
@@ -723,14 +678,8 @@ const LOAD_EVENTS_MAX: usize = 10_000;
 
 /// `GET /events`: a JSON array of stored events, as ebuse's `Load` decodes it.
 /// `from` and `to` are inclusive positions.
-async fn load(r: &Req<'_>, tenant: &Tenant, out: &mut Vec<u8>) -> Result<(), ApiError> {
-    let Req {
-        shard,
-        head,
-        keep_alive,
-        is_head,
-        ..
-    } = *r;
+async fn load(r: &Req<'_>, tenant: &Tenant) -> Result<Response, ApiError> {
+    let Req { shard, head, .. } = *r;
     let q = r.query();
     // ebuse's client sends `to=-1` for "no upper bound" only by omitting it;
     // a literal -1 is accepted as the same.
@@ -758,8 +707,8 @@ async fn load(r: &Req<'_>, tenant: &Tenant, out: &mut Vec<u8>) -> Result<(), Api
         )
         .await
         .map_err(|e| read_failed(shard, e))?;
-    answer(out, &body, keep_alive, is_head);
-    Ok(())
+    let gzipped = body.gzipped;
+    Ok(json_read(Body::Read(body), gzipped))
 }
 
 /// The gzip threshold for this request: None when the client or the config
@@ -768,29 +717,15 @@ fn gzip_min(shard: &Shard, head: &RequestHead) -> Option<usize> {
     shard.cfg.server.gzip_min_bytes.filter(|_| head.accept_gzip)
 }
 
-/// A 200 JSON answer that may be gzipped; caches must key on the encoding.
-fn json_answer(out: &mut Vec<u8>, body: &[u8], gzipped: bool, keep_alive: bool, is_head: bool) {
-    write_json_head(out, gzipped, body.len(), keep_alive);
-    if !is_head {
-        out.extend_from_slice(body);
-    }
-}
-
-/// A 200 JSON answer that may be gzipped or in parts.
-fn answer(out: &mut Vec<u8>, answer: &Answer, keep_alive: bool, is_head: bool) {
-    write_json_head(out, answer.gzipped, answer.len(), keep_alive);
-    if !is_head {
-        answer.write_to(out);
-    }
-}
-
-/// Caches must key on the encoding.
-fn write_json_head(out: &mut Vec<u8>, gzipped: bool, len: usize, keep_alive: bool) {
-    let mut extra = vec![("Vary", "Accept-Encoding".to_string())];
+/// A 200 JSON answer of a read, which may be gzipped: caches must key on
+/// the encoding.
+fn json_read(body: Body, gzipped: bool) -> Response {
+    let r = Response::new(200, crate::http::JSON, body).header("Vary", "Accept-Encoding");
     if gzipped {
-        extra.push(("Content-Encoding", "gzip".to_string()));
+        r.header("Content-Encoding", "gzip")
+    } else {
+        r
     }
-    crate::http::write_head(out, 200, JSON, &extra, len, keep_alive);
 }
 
 fn read_failed(shard: &Shard, e: String) -> ApiError {
@@ -802,14 +737,11 @@ fn read_failed(shard: &Shard, e: String) -> ApiError {
 }
 
 /// `GET /streams/{stream}`: one stream's events in version order.
-async fn stream_read(r: &Req<'_>, tenant: &Tenant, out: &mut Vec<u8>) -> Result<(), ApiError> {
+async fn stream_read(r: &Req<'_>, tenant: &Tenant) -> Result<Response, ApiError> {
     let Req {
         shard,
         head,
         raw: req,
-        keep_alive,
-        is_head,
-        ..
     } = *r;
     let stream = stream_name(path_of(head, req)).unwrap_or_default();
     let q = r.query();
@@ -836,18 +768,11 @@ async fn stream_read(r: &Req<'_>, tenant: &Tenant, out: &mut Vec<u8>) -> Result<
         )
         .await
         .map_err(|e| read_failed(shard, e))?;
-    json_answer(out, &body, gz, keep_alive, is_head);
-    Ok(())
+    Ok(json_read(Body::Bytes(body), gz))
 }
 
-fn consumer_get(r: &Req<'_>, tenant: &Tenant, out: &mut Vec<u8>) -> Result<(), ApiError> {
-    let Req {
-        head,
-        raw: req,
-        keep_alive,
-        is_head,
-        ..
-    } = *r;
+fn consumer_get(r: &Req<'_>, tenant: &Tenant) -> Result<Response, ApiError> {
+    let Req { head, raw: req, .. } = *r;
     let id = consumer_id(path_of(head, req)).unwrap_or_default();
     let p = tenant.index.consumer_position(&id).map_err(|e| {
         ApiError::new(
@@ -856,19 +781,15 @@ fn consumer_get(r: &Req<'_>, tenant: &Tenant, out: &mut Vec<u8>) -> Result<(), A
             format!("cannot read the index: {e}"),
         )
     })?;
-    let body = format!("{{\"position\":{p}}}");
-    json_ok(out, body.as_bytes(), keep_alive, is_head);
-    Ok(())
+    json_ok(format!("{{\"position\":{p}}}"))
 }
 
 /// `POST|PUT /subscriptions/{id}/position` `{"position": N}` → 204 once stored.
-async fn consumer_set(r: &Req<'_>, tenant: &Tenant, out: &mut Vec<u8>) -> Result<(), ApiError> {
+async fn consumer_set(r: &Req<'_>, tenant: &Tenant) -> Result<Response, ApiError> {
     let Req {
         shard,
         head,
         raw: req,
-        keep_alive,
-        ..
     } = *r;
     let body = &req[head.head_len..];
     #[derive(serde::Deserialize)]
@@ -898,10 +819,11 @@ async fn consumer_set(r: &Req<'_>, tenant: &Tenant, out: &mut Vec<u8>) -> Result
     )
     .await?
     {
-        Outcome::PositionSaved => {
-            write_response(out, 204, JSON, &[], b"", keep_alive);
-            Ok(())
-        }
+        Outcome::PositionSaved => Ok(Response::new(
+            204,
+            crate::http::JSON,
+            crate::http::Body::Empty,
+        )),
         Outcome::PositionBeyondHead { head } => Err(ApiError::new(
             400,
             "position_beyond_head",

@@ -246,7 +246,7 @@ fn announce(addr: SocketAddr, cfg: &Config, set: &TenantSet) {
         "shardcast listening"
     );
     // One plain line on stdout for scripts and tests that start us on port 0.
-    println!("listening on {addr}");
+    crate::say!("listening on {addr}");
     use std::io::Write;
     let _ = std::io::stdout().flush();
 }

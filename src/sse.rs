@@ -38,7 +38,9 @@ struct Frame {
 /// `data:` the stored event as JSON. The JSON is one line unless `data` held
 /// raw line breaks between tokens (JSON strings cannot hold them), in which
 /// case each line becomes its own `data:` line, as the WHATWG spec joins them
-/// back with `\n`.
+/// back with `\n`. A line ends, for an EventSource, at CRLF, a lone LF or a
+/// lone CR alike, so all three split here (the JSON comes back with `\n`
+/// where a CR stood: whitespace either way).
 pub fn encode_frame(out: &mut Vec<u8>, e: &Event) {
     out.extend_from_slice(b"id: ");
     out.extend_from_slice(itoa::Buffer::new().format(e.position).as_bytes());
@@ -49,10 +51,23 @@ pub fn encode_frame(out: &mut Vec<u8>, e: &Event) {
     }
     let mut json = Vec::with_capacity(96 + e.new.data.len());
     crate::event::encode_event(&mut json, e, false);
-    for line in json.split(|c| *c == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let mut rest = &json[..];
+    loop {
+        let end = rest
+            .iter()
+            .position(|c| *c == b'\n' || *c == b'\r')
+            .unwrap_or(rest.len());
         out.extend_from_slice(b"\ndata: ");
-        out.extend_from_slice(line);
+        out.extend_from_slice(&rest[..end]);
+        if end == rest.len() {
+            break;
+        }
+        let brk = if rest[end..].starts_with(b"\r\n") {
+            2
+        } else {
+            1
+        };
+        rest = &rest[end + brk..];
     }
     out.extend_from_slice(b"\n\n");
 }
@@ -304,8 +319,7 @@ pub fn serve(
             Ok(s) => s,
             Err(e) => {
                 let mut out = Vec::new();
-                e.write(&mut out, false);
-                crate::http::add_cors(&mut out, 0, cors.as_deref());
+                e.write(&mut out, false, cors.as_deref());
                 let _ = stream.write_all(&out).await;
                 return;
             }
@@ -671,6 +685,66 @@ mod tests {
         let joined: Vec<&str> = s.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
         let v: serde_json::Value = serde_json::from_str(&joined.join("\n")).unwrap();
         assert_eq!(v["data"]["a"], 1);
+    }
+
+    /// The WHATWG event-stream parser's line and field rules (§9.2.6):
+    /// lines end at CRLF, LF or CR; `data` fields join with LF.
+    fn whatwg_data(stream: &[u8]) -> Vec<String> {
+        let text = String::from_utf8(stream.to_vec()).unwrap();
+        let mut events = Vec::new();
+        let mut data: Option<String> = None;
+        let mut rest = text.as_str();
+        while !rest.is_empty() {
+            let end = rest.find(['\r', '\n']).unwrap_or(rest.len());
+            let line = &rest[..end];
+            let brk = if rest[end..].starts_with("\r\n") {
+                2
+            } else {
+                1.min(rest.len() - end)
+            };
+            rest = &rest[end + brk..];
+            if line.is_empty() {
+                events.extend(data.take());
+            } else if let Some(v) = line.strip_prefix("data") {
+                let v = v.strip_prefix(':').unwrap_or("");
+                let v = v.strip_prefix(' ').unwrap_or(v);
+                match &mut data {
+                    Some(d) => {
+                        d.push('\n');
+                        d.push_str(v);
+                    }
+                    None => data = Some(v.to_string()),
+                }
+            }
+        }
+        events
+    }
+
+    #[test]
+    fn every_kind_of_line_break_in_data_is_split() {
+        for data in [
+            "{\"a\":\r1}",
+            "{\r\"a\":1\r}",
+            "{\"a\":\r\n1\n}",
+            "\r\r\n\n{\"a\":1}\r",
+        ] {
+            let mut out = Vec::new();
+            encode_frame(&mut out, &ev(3, "t", data));
+            let got = whatwg_data(&out);
+            assert_eq!(
+                got.len(),
+                1,
+                "{data:?} → {:?}",
+                String::from_utf8_lossy(&out)
+            );
+            let v: serde_json::Value = serde_json::from_str(&got[0])
+                .unwrap_or_else(|e| panic!("{data:?}: {e}: {:?}", got[0]));
+            assert_eq!(v["data"]["a"], 1);
+            assert_eq!(v["position"], 3);
+        }
+        // The oracle itself: a lone CR inside one data line would cut it.
+        let cut = whatwg_data(b"data: {\"a\":\r1}\n\n");
+        assert!(serde_json::from_str::<serde_json::Value>(&cut[0]).is_err());
     }
 
     #[test]

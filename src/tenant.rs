@@ -225,8 +225,20 @@ impl Tenancy {
                     format!("tenant names are 1..={TENANT_NAME_BYTES_MAX} of A-Z a-z 0-9 - _"),
                 ));
             }
-            if tenants.iter().any(|s: &TenantSpec| s.name == t.name) {
-                return Err(bad(&what, "named twice"));
+            // Names become file names: on a case-insensitive file system
+            // `alice` and `ALICE` would share one database.
+            if let Some(s) = tenants
+                .iter()
+                .find(|s: &&TenantSpec| s.name.eq_ignore_ascii_case(&t.name))
+            {
+                return Err(bad(
+                    &what,
+                    if s.name == t.name {
+                        "named twice".to_string()
+                    } else {
+                        format!("names differing only in case ({} and {}) would share files on a case-insensitive file system", s.name, t.name)
+                    },
+                ));
             }
             let mut keys = Vec::new();
             if let Some(d) = one_key(t.api_key.as_deref(), t.api_key_sha256.as_deref(), &what)? {
@@ -482,6 +494,14 @@ mod tests {
                 "role",
             ),
             ("tenants:\n - name: a\n   apikey: x", "unknown field"),
+            (
+                "tenants:\n - name: alice\n   api_key: k0123456789abcdef\n - name: ALICE\n   api_key: k0123456789abcdeg",
+                "differing only in case",
+            ),
+            (
+                "tenants:\n - name: a\n   api_key: k0123456789abcdef\n - name: a\n   api_key: k0123456789abcdeg",
+                "named twice",
+            ),
         ] {
             let dir = std::env::temp_dir().join(format!(
                 "sc-tenants-bad-{}-{}",

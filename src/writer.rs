@@ -145,6 +145,11 @@ pub struct Store {
     commit_failures: u64,
     /// Why the last commit failed, until one succeeds (readiness says so).
     last_failure: Option<String>,
+    /// Failing commits are logged once, then once per interval with a count
+    /// (a full disk fails every commit: one line each would fill it faster).
+    failure_log: crate::log::Repeated,
+    /// Likewise for an index that stays behind SQLite.
+    index_log: crate::log::Repeated,
 }
 
 impl Store {
@@ -194,6 +199,8 @@ impl Store {
                 commits: 0,
                 commit_failures: 0,
                 last_failure: None,
+                failure_log: Default::default(),
+                index_log: Default::default(),
             },
             index,
         ))
@@ -244,11 +251,16 @@ impl Store {
                     self.commits += 1;
                     self.events_appended += written as u64;
                 }
-                self.last_failure = None;
+                if self.last_failure.take().is_some() {
+                    let unlogged = self.failure_log.clear();
+                    tracing::info!(tenant = %self.name, failed_commits_not_logged = unlogged, "group commits succeed again");
+                }
                 committed
             }
             Err(e) => {
-                tracing::error!(tenant = %self.name, error = %e.message, "group commit failed; nothing of it was written");
+                if let Some(unlogged) = self.failure_log.occur(std::time::Instant::now()) {
+                    tracing::error!(tenant = %self.name, error = %e.message, failed_commits_not_logged = unlogged, "group commit failed; nothing of it was written");
+                }
                 self.head = before;
                 self.commit_failures += 1;
                 self.last_failure = Some(if e.full {
@@ -392,9 +404,14 @@ impl Store {
                 .index_range(&self.conn, h + 1)
                 .map_err(|e| StorageError::other(e.to_string()))
         }) {
-            Ok(_) => self.index_behind = false,
+            Ok(_) => {
+                self.index_behind = false;
+                self.index_log.clear();
+            }
             Err(e) => {
-                tracing::error!(tenant = %self.name, error = %e.message, "index still behind SQLite; will retry before the next commit")
+                if let Some(unlogged) = self.index_log.occur(std::time::Instant::now()) {
+                    tracing::error!(tenant = %self.name, error = %e.message, failures_not_logged = unlogged, "index still behind SQLite; will retry before the next commit")
+                }
             }
         }
     }

@@ -369,8 +369,16 @@ fn readiness_turns_503_when_storage_cannot_take_writes() {
         "{}",
         r.text()
     );
-    assert!(r.text().contains("full"), "{}", r.text());
     assert!(r.header("Retry-After").is_some());
+    // Without the key: that it is not ready, not why (reasons carry paths).
+    assert!(r.text().contains("1 tenant(s)"), "{}", r.text());
+    assert!(!r.text().contains("full"), "{}", r.text());
+    // With it, why.
+    let r = s
+        .conn()
+        .request("GET", "/health?mode=readiness", &[("X-API-Key", KEY)], b"");
+    assert_eq!(r.status, 503);
+    assert!(r.text().contains("full"), "{}", r.text());
     // Liveness is another question: the process answers.
     assert_eq!(s.get("/health").status, 200);
     assert_eq!(s.get("/health?mode=sometimes").status, 400);

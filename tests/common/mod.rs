@@ -456,6 +456,8 @@ pub struct SseClient {
     pub head: String,
     pub comments: usize,
     pub retry: Option<u64>,
+    /// The last line ended with CR: an LF first in the next read is part of it.
+    after_cr: bool,
 }
 
 impl SseClient {
@@ -477,6 +479,7 @@ impl SseClient {
             head: String::new(),
             comments: 0,
             retry: None,
+            after_cr: false,
         };
         loop {
             if let Some(end) = c.buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -512,19 +515,33 @@ impl SseClient {
         String::from_utf8_lossy(&self.buf).into_owned()
     }
 
+    /// The next line of the stream: it ends at CRLF, a lone LF or a lone CR
+    /// (WHATWG HTML §9.2.6), a CRLF possibly split across two reads.
+    fn line(&mut self) -> Option<String> {
+        loop {
+            if self.after_cr && !self.buf.is_empty() {
+                if self.buf[0] == b'\n' {
+                    self.buf.remove(0);
+                }
+                self.after_cr = false;
+            }
+            if let Some(end) = self.buf.iter().position(|c| *c == b'\n' || *c == b'\r') {
+                let line: Vec<u8> = self.buf.drain(..=end).collect();
+                self.after_cr = line[end] == b'\r';
+                return Some(String::from_utf8(line[..end].to_vec()).unwrap());
+            }
+            if !self.fill() {
+                return None;
+            }
+        }
+    }
+
     /// The next message; None when the server closed the stream.
     pub fn next(&mut self) -> Option<SseMessage> {
         let mut msg = SseMessage::default();
         let mut has_data = false;
         loop {
-            let Some(nl) = self.buf.iter().position(|c| *c == b'\n') else {
-                if !self.fill() {
-                    return None;
-                }
-                continue;
-            };
-            let line: Vec<u8> = self.buf.drain(..=nl).collect();
-            let line = String::from_utf8(line[..line.len() - 1].to_vec()).unwrap();
+            let line = self.line()?;
             if line.is_empty() {
                 if has_data || msg.id.is_some() || msg.event.is_some() {
                     return Some(msg);
