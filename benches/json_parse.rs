@@ -1,8 +1,9 @@
-//! Request-body parsing: serde_json (`Parser::Serde`) against simd-json
-//! validation plus the span scanner (`Parser::Simd`), on the same bodies.
+//! Request-body parsing: serde_json with `RawValue` spans (the one parser;
+//! a simd-json path was measured slower at every size, docs/benchmarks.md,
+//! and removed).
 //!
 //! What is timed is the whole of `event::parse_one` / `event::parse_batch` as
-//! the route calls them: JSON parsing, the body copy simd-json needs, field
+//! the route calls them: JSON parsing, field
 //! validation, and building the owned `NewEvent`s (including the per-request
 //! timestamp, since the events carry none). Bodies are realistic
 //! `order.placed` events with a client-chosen UUID, a stream name, nested
@@ -13,15 +14,12 @@
 //! * `one/<parser>/<size>`: single-event bodies (`POST /events`): the typical
 //!   ~200-byte event, then bodies of exactly 512 B .. 64 KiB made by growing
 //!   `data` (more line items with names and tags, and a note string holding
-//!   escapes and non-ASCII text). This is where to read the size from which
-//!   `Parser::Simd` wins, i.e. the value for `api.simd_json_min_bytes`
-//!   (none, on the machine of docs/benchmarks.md: the default is 0, off).
+//!   escapes and non-ASCII text).
 //! * `batch/<parser>/<n>ev`: `POST /events/batch` bodies of `n` typical events,
 //!   from 5 events (~1 KiB) through 100 (~20 KiB) to 1,000 (~200 KiB).
 //!
-//! Before anything is timed, every input is parsed with both parsers and the
-//! results are asserted equal (bar the per-request timestamp, which each
-//! request takes from the clock) and checked against `serde_json::Value`, so
+//! Before anything is timed, every input is parsed and checked against
+//! `serde_json::Value`, so
 //! a benchmark cannot quietly time a parser that gives a wrong answer.
 //!
 //! Run (release build, full measurement; about four minutes):
@@ -41,7 +39,7 @@
 //! file; `cargo bench --bench json_parse -- --test` does the same in release.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use shardcast::event::{self, NewEvent, Parser, Stamp};
+use shardcast::event::{self, NewEvent, Stamp};
 use shardcast::ids::IdGen;
 use std::fmt::Write as _;
 use std::hint::black_box;
@@ -55,7 +53,8 @@ const ONE_SIZES: &[usize] = &[512, 1024, 2048, 4096, 8192, 16384, 32768, 65536];
 /// Events per batch body.
 const BATCH_LENS: &[usize] = &[5, 10, 20, 40, 80, 100, 1000];
 
-const PARSERS: [(Parser, &str); 2] = [(Parser::Serde, "serde"), (Parser::Simd, "simd")];
+/// The benchmark ids' parser part (kept so criterion's history lines up).
+const PARSER: &str = "serde";
 
 /// A deterministic UUID-shaped id (v4 layout) for event `n`.
 fn uuid(n: u64) -> String {
@@ -169,31 +168,22 @@ fn batch_of(n: usize) -> Vec<u8> {
     s.into_bytes()
 }
 
-fn parse(body: &[u8], batch: bool, parser: Parser, stamp: &mut Stamp) -> Vec<NewEvent> {
+fn parse(body: &[u8], batch: bool, stamp: &mut Stamp) -> Vec<NewEvent> {
     if batch {
-        event::parse_batch(body, parser, BATCH_MAX, stamp).expect("batch parses")
+        event::parse_batch(body, BATCH_MAX, stamp).expect("batch parses")
     } else {
-        vec![event::parse_one(body, parser, stamp).expect("event parses")]
+        vec![event::parse_one(body, stamp).expect("event parses")]
     }
 }
 
-/// Both parsers must agree on every input; check that and the content once.
+/// Check the parsed content once against serde_json's own reading.
 fn check(name: &str, body: &[u8], batch: bool, expect_events: usize) {
     let mut stamp = Stamp::new(IdGen::new());
-    let mut results = PARSERS.map(|(p, _)| {
-        let mut v = parse(body, batch, p, &mut stamp);
-        // The events carry no timestamp: each request takes one from the clock.
-        for e in &mut v {
-            assert!(e.timestamp.ends_with('Z'), "{name}: {}", e.timestamp);
-            e.timestamp.clear();
-        }
-        v
-    });
-    assert_eq!(
-        results[0], results[1],
-        "{name}: serde_json and simd-json disagree"
-    );
-    let events = std::mem::take(&mut results[0]);
+    let events = parse(body, batch, &mut stamp);
+    // The events carry no timestamp: each request takes one from the clock.
+    for e in &events {
+        assert!(e.timestamp.ends_with('Z'), "{name}: {}", e.timestamp);
+    }
     assert_eq!(events.len(), expect_events, "{name}");
     let doc: serde_json::Value = serde_json::from_slice(body).unwrap();
     let docs = if batch {
@@ -238,7 +228,7 @@ fn json_parse(c: &mut Criterion) {
     for ((label, body), &n) in batches.iter().zip(BATCH_LENS) {
         check(label, body, true, n);
     }
-    eprintln!("json_parse: both parsers agree on all inputs; body sizes:");
+    eprintln!("json_parse: every input parses as serde_json reads it; body sizes:");
     for (label, body) in ones.iter().chain(&batches) {
         eprintln!("  {label:>14}: {:>7} bytes", body.len());
     }
@@ -248,19 +238,15 @@ fn json_parse(c: &mut Criterion) {
         let mut g = c.benchmark_group(group);
         for (label, body) in inputs {
             g.throughput(Throughput::Bytes(body.len() as u64));
-            for (parser, pname) in PARSERS {
-                let id = BenchmarkId::new(pname, label);
-                if batch {
-                    g.bench_with_input(id, body, |b, body| {
-                        b.iter(|| {
-                            event::parse_batch(black_box(body), parser, BATCH_MAX, &mut stamp)
-                        })
-                    });
-                } else {
-                    g.bench_with_input(id, body, |b, body| {
-                        b.iter(|| event::parse_one(black_box(body), parser, &mut stamp))
-                    });
-                }
+            let id = BenchmarkId::new(PARSER, label);
+            if batch {
+                g.bench_with_input(id, body, |b, body| {
+                    b.iter(|| event::parse_batch(black_box(body), BATCH_MAX, &mut stamp))
+                });
+            } else {
+                g.bench_with_input(id, body, |b, body| {
+                    b.iter(|| event::parse_one(black_box(body), &mut stamp))
+                });
             }
         }
         g.finish();

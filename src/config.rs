@@ -151,8 +151,6 @@ pub struct WriterConfig {
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
     pub batch_events_max: usize,
-    /// Bodies at least this large are parsed with simd-json (see benches/json_parse.rs).
-    pub simd_json_min_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -307,7 +305,6 @@ pub struct RawWriter {
 #[serde(deny_unknown_fields)]
 pub struct RawApi {
     pub batch_events_max: Option<i64>,
-    pub simd_json_min_bytes: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -456,7 +453,6 @@ pub const KEYS: &[(&str, &str)] = &[
     ("writer", "queue_bytes_max"),
     ("writer", "retry_after_secs"),
     ("api", "batch_events_max"),
-    ("api", "simd_json_min_bytes"),
     ("auth", "api_key"),
     ("auth", "read_api_keys"),
     ("auth", "admin_api_key"),
@@ -560,7 +556,6 @@ fn set_raw(raw: &mut RawConfig, section: &str, key: &str, v: String) -> Result<(
         ("writer", "queue_bytes_max") => raw.writer.queue_bytes_max = Some(int(&v)?),
         ("writer", "retry_after_secs") => raw.writer.retry_after_secs = Some(int(&v)?),
         ("api", "batch_events_max") => raw.api.batch_events_max = Some(int(&v)?),
-        ("api", "simd_json_min_bytes") => raw.api.simd_json_min_bytes = Some(int(&v)?),
         ("auth", "api_key") => raw.auth.api_key = Some(v),
         ("auth", "read_api_keys") => {
             raw.auth.read_api_keys = Some(
@@ -932,12 +927,6 @@ impl Config {
                 1,
                 100_000,
             )? as usize,
-            simd_json_min_bytes: range(
-                need(a.simd_json_min_bytes, "api.simd_json_min_bytes")?,
-                "api.simd_json_min_bytes",
-                0,
-                i64::MAX,
-            )? as usize,
         };
         if api.batch_events_max > writer.batch_events_max {
             return Err(err(
@@ -1242,7 +1231,7 @@ impl RawConfig {
             queue_bytes_max,
             retry_after_secs
         );
-        pick!(out.api, other.api, batch_events_max, simd_json_min_bytes);
+        pick!(out.api, other.api, batch_events_max);
         pick!(
             out.auth,
             other.auth,

@@ -3,13 +3,10 @@
 //! back to JSON for responses.
 //!
 //! `data` and `metadata` are kept as the exact bytes the client sent: a client
-//! reads back what it wrote, byte for byte. Two parsers produce the same
-//! result: serde_json with `RawValue` (faster on small bodies) and simd-json
-//! validation plus a span scanner over the validated bytes (faster on large
-//! bodies, in general); `benches/json_parse.rs` measures both as this code uses
-//! them, and `api.simd_json_min_bytes` picks the switch-over. Here simd-json
-//! pays for a copy, a tape and a second pass to find the raw spans of `data`,
-//! and loses at every size measured, so the shipped default keeps it off.
+//! reads back what it wrote, byte for byte. serde_json parses bodies, with
+//! `RawValue` spans for those two. (A simd-json path, measured slower at
+//! every body size here and found by fuzzing to accept text that is not
+//! JSON, such as `1e3<8` or a NUL after a number, was removed.)
 
 use crate::limits::{EVENT_ID_BYTES_MAX, EVENT_TYPE_BYTES_MAX, STREAM_NAME_BYTES_MAX};
 use serde::Deserialize;
@@ -207,8 +204,8 @@ impl<'a> From<SerdeEvent<'a>> for Fields<'a> {
 }
 
 /// An event that must be a JSON object: derived `Deserialize` would also take
-/// a positional array (`["order.placed", {...}]`) as a struct, which the
-/// simd-json path refuses; forcing `deserialize_map` keeps the two parsers equal.
+/// a positional array (`["order.placed", {...}]`) as a struct; forcing
+/// `deserialize_map` refuses it.
 struct EventObject<'a>(SerdeEvent<'a>);
 
 impl<'de> Deserialize<'de> for EventObject<'de> {
@@ -231,10 +228,16 @@ impl<'de> Deserialize<'de> for EventObject<'de> {
     }
 }
 
-/// An event must be a JSON object (serde would also take a positional array).
+/// The body as text: JSON is UTF-8 throughout, also in members the server
+/// ignores (serde_json skips those without checking UTF-8; found by fuzzing).
+fn utf8(body: &[u8]) -> Result<&str, EventError> {
+    std::str::from_utf8(body).map_err(|e| json_error(format!("not UTF-8: {e}")))
+}
+
 fn serde_object(body: &[u8]) -> Result<SerdeEvent<'_>, EventError> {
+    let text = utf8(body)?;
     match body.iter().find(|c| !c.is_ascii_whitespace()) {
-        Some(b'{') => serde_json::from_slice::<EventObject>(body)
+        Some(b'{') => serde_json::from_str::<EventObject>(text)
             .map(|e| e.0)
             .map_err(json_error),
         Some(_) => Err(json_error("each event must be a JSON object")),
@@ -250,250 +253,11 @@ fn json_error(e: impl std::fmt::Display) -> EventError {
 }
 
 // ---------------------------------------------------------------------------
-// simd-json path: validate with simd-json, then pick spans out of the original
-// bytes with a scanner that may assume the document is well-formed.
-
-struct Scan<'a> {
-    b: &'a [u8],
-    i: usize,
-}
-
-impl<'a> Scan<'a> {
-    fn ws(&mut self) {
-        while let Some(c) = self.b.get(self.i) {
-            if matches!(c, b' ' | b'\n' | b'\r' | b'\t') {
-                self.i += 1;
-            } else {
-                break;
-            }
-        }
-    }
-    fn peek(&mut self) -> Option<u8> {
-        self.ws();
-        self.b.get(self.i).copied()
-    }
-    fn eat(&mut self, c: u8) -> bool {
-        if self.peek() == Some(c) {
-            self.i += 1;
-            true
-        } else {
-            false
-        }
-    }
-    /// Skip a string starting at its opening quote; returns the span with quotes
-    /// and whether it holds an escape.
-    fn string(&mut self) -> (usize, usize, bool) {
-        let start = self.i;
-        self.i += 1;
-        let mut escaped = false;
-        loop {
-            // Valid JSON: a closing quote exists.
-            match memchr2(b'"', b'\\', &self.b[self.i..]) {
-                Some(off) => {
-                    self.i += off;
-                    if self.b[self.i] == b'\\' {
-                        escaped = true;
-                        self.i += 2;
-                    } else {
-                        self.i += 1;
-                        return (start, self.i, escaped);
-                    }
-                }
-                None => {
-                    self.i = self.b.len();
-                    return (start, self.i, escaped);
-                }
-            }
-        }
-    }
-    /// Skip one value; returns its span.
-    fn value(&mut self) -> (usize, usize) {
-        self.ws();
-        let start = self.i;
-        match self.b.get(self.i) {
-            Some(b'"') => {
-                let (s, e, _) = self.string();
-                return (s, e);
-            }
-            Some(b'{') | Some(b'[') => {
-                let mut depth = 0usize;
-                while self.i < self.b.len() {
-                    match self.b[self.i] {
-                        b'"' => {
-                            self.string();
-                            continue;
-                        }
-                        b'{' | b'[' => depth += 1,
-                        b'}' | b']' => {
-                            depth -= 1;
-                            if depth == 0 {
-                                self.i += 1;
-                                return (start, self.i);
-                            }
-                        }
-                        _ => {}
-                    }
-                    self.i += 1;
-                }
-            }
-            _ => {
-                while let Some(c) = self.b.get(self.i) {
-                    if matches!(c, b',' | b'}' | b']' | b' ' | b'\n' | b'\r' | b'\t') {
-                        break;
-                    }
-                    self.i += 1;
-                }
-            }
-        }
-        (start, self.i)
-    }
-
-    fn object(&mut self) -> Result<Fields<'a>, EventError> {
-        if !self.eat(b'{') {
-            return Err(json_error("each event must be a JSON object"));
-        }
-        let mut f = Fields::default();
-        let mut seen = 0u8;
-        if self.eat(b'}') {
-            return Ok(f);
-        }
-        loop {
-            self.ws();
-            let (ks, ke, kesc) = self.string();
-            let key: Cow<'a, str> = decode_str(&self.b[ks..ke], kesc)?;
-            if !self.eat(b':') {
-                return Err(json_error("expected ':'"));
-            }
-            let (vs, ve) = self.value();
-            let v = &self.b[vs..ve];
-            let bit = match key.as_ref() {
-                "type" => 1,
-                "data" => 2,
-                "timestamp" => 4,
-                "id" => 8,
-                "stream" => 16,
-                "expected_version" => 32,
-                "metadata" => 64,
-                _ => 0,
-            };
-            if bit != 0 {
-                if seen & bit != 0 {
-                    return Err(json_error(format_args!("duplicate field `{key}`")));
-                }
-                seen |= bit;
-                let is_null = v == b"null";
-                match bit {
-                    1 => f.event_type = opt_str(v, is_null, "type")?,
-                    2 => f.data = (!is_null).then_some(v),
-                    4 => f.timestamp = opt_str(v, is_null, "timestamp")?,
-                    8 => f.id = opt_str(v, is_null, "id")?,
-                    16 => f.stream = opt_str(v, is_null, "stream")?,
-                    32 => {
-                        f.expected_version = if is_null {
-                            None
-                        } else {
-                            Some(
-                                std::str::from_utf8(v)
-                                    .ok()
-                                    .and_then(|s| s.parse::<u64>().ok())
-                                    .ok_or_else(|| {
-                                        json_error(
-                                            "invalid type for `expected_version`, expected u64",
-                                        )
-                                    })?,
-                            )
-                        }
-                    }
-                    _ => f.metadata = (!is_null).then_some(v),
-                }
-            }
-            if self.eat(b',') {
-                continue;
-            }
-            if self.eat(b'}') {
-                return Ok(f);
-            }
-            return Err(json_error("expected ',' or '}'"));
-        }
-    }
-}
-
-fn memchr2(a: u8, b: u8, hay: &[u8]) -> Option<usize> {
-    hay.iter().position(|&c| c == a || c == b)
-}
-
-fn decode_str(quoted: &[u8], escaped: bool) -> Result<Cow<'_, str>, EventError> {
-    if quoted.len() < 2 || quoted[0] != b'"' {
-        return Err(json_error("expected a string"));
-    }
-    if !escaped {
-        // simd-json validated UTF-8 already; from_utf8 keeps this safe regardless.
-        return std::str::from_utf8(&quoted[1..quoted.len() - 1])
-            .map(Cow::Borrowed)
-            .map_err(json_error);
-    }
-    serde_json::from_slice::<String>(quoted)
-        .map(Cow::Owned)
-        .map_err(json_error)
-}
-
-fn opt_str<'a>(
-    v: &'a [u8],
-    is_null: bool,
-    field: &str,
-) -> Result<Option<Cow<'a, str>>, EventError> {
-    if is_null {
-        return Ok(None);
-    }
-    if v.first() != Some(&b'"') {
-        return Err(json_error(format_args!(
-            "invalid type for `{field}`, expected a string"
-        )));
-    }
-    let esc = v.contains(&b'\\');
-    decode_str(v, esc).map(Some)
-}
-
-fn simd_validate(body: &[u8]) -> Result<(), EventError> {
-    let mut copy = body.to_vec();
-    simd_json::to_tape(&mut copy)
-        .map(|_| ())
-        .map_err(json_error)
-}
-
-// ---------------------------------------------------------------------------
 // Entry points
 
-/// Which parser to use for a body of this size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Parser {
-    Serde,
-    Simd,
-}
-
-impl Parser {
-    /// `simd_min_bytes == 0` means never: measured on this box, serde_json
-    /// wins at every body size the API accepts (docs/benchmarks.md).
-    pub fn for_len(len: usize, simd_min_bytes: usize) -> Parser {
-        if simd_min_bytes > 0 && len >= simd_min_bytes {
-            Parser::Simd
-        } else {
-            Parser::Serde
-        }
-    }
-}
-
 /// Parse and validate the body of `POST /events`.
-pub fn parse_one(body: &[u8], parser: Parser, stamp: &mut Stamp) -> Result<NewEvent, EventError> {
-    let r = match parser {
-        Parser::Serde => serde_object(body).and_then(|e| Fields::from(e).validate(stamp)),
-        Parser::Simd => {
-            simd_validate(body)?;
-            let mut s = Scan { b: body, i: 0 };
-            let f = s.object()?;
-            f.validate(stamp)
-        }
-    };
+pub fn parse_one(body: &[u8], stamp: &mut Stamp) -> Result<NewEvent, EventError> {
+    let r = serde_object(body).and_then(|e| Fields::from(e).validate(stamp));
     stamp.end_request();
     r
 }
@@ -502,18 +266,16 @@ pub fn parse_one(body: &[u8], parser: Parser, stamp: &mut Stamp) -> Result<NewEv
 /// naming the first bad one.
 pub fn parse_batch(
     body: &[u8],
-    parser: Parser,
     max: usize,
     stamp: &mut Stamp,
 ) -> Result<Vec<NewEvent>, EventError> {
-    let r = parse_batch_inner(body, parser, max, stamp);
+    let r = parse_batch_inner(body, max, stamp);
     stamp.end_request();
     r
 }
 
 fn parse_batch_inner(
     body: &[u8],
-    parser: Parser,
     max: usize,
     stamp: &mut Stamp,
 ) -> Result<Vec<NewEvent>, EventError> {
@@ -527,65 +289,23 @@ fn parse_batch_inner(
         code: e.code,
         message: format!("event {i}: {}", e.message),
     };
-    match parser {
-        Parser::Serde => {
-            let raw: Vec<EventObject> = serde_json::from_slice(body).map_err(|e| {
-                bad(
-                    "invalid_json",
-                    format!("request body is not a valid JSON array of events: {e}"),
-                )
-            })?;
-            check_count(raw.len(), max).map_err(|e| {
-                if e.code == "batch_too_large" {
-                    too_many(raw.len())
-                } else {
-                    e
-                }
-            })?;
-            raw.into_iter()
-                .enumerate()
-                .map(|(i, e)| Fields::from(e.0).validate(stamp).map_err(|err| at(i, err)))
-                .collect()
+    let raw: Vec<EventObject> = serde_json::from_str(utf8(body)?).map_err(|e| {
+        bad(
+            "invalid_json",
+            format!("request body is not a valid JSON array of events: {e}"),
+        )
+    })?;
+    check_count(raw.len(), max).map_err(|e| {
+        if e.code == "batch_too_large" {
+            too_many(raw.len())
+        } else {
+            e
         }
-        Parser::Simd => {
-            simd_validate(body)?;
-            let mut s = Scan { b: body, i: 0 };
-            if !s.eat(b'[') {
-                return Err(bad(
-                    "invalid_json",
-                    "request body must be a JSON array of events",
-                ));
-            }
-            let mut fields = Vec::new();
-            if !s.eat(b']') {
-                loop {
-                    fields.push(s.object().map_err(|e| at(fields.len(), e))?);
-                    if fields.len() > max {
-                        // Keep counting without keeping: the answer names the size.
-                        let mut n = fields.len();
-                        while s.eat(b',') {
-                            s.value();
-                            n += 1;
-                        }
-                        return Err(too_many(n));
-                    }
-                    if s.eat(b',') {
-                        continue;
-                    }
-                    if s.eat(b']') {
-                        break;
-                    }
-                    return Err(json_error("expected ',' or ']'"));
-                }
-            }
-            check_count(fields.len(), max)?;
-            fields
-                .into_iter()
-                .enumerate()
-                .map(|(i, f)| f.validate(stamp).map_err(|err| at(i, err)))
-                .collect()
-        }
-    }
+    })?;
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, e)| Fields::from(e.0).validate(stamp).map_err(|err| at(i, err)))
+        .collect()
 }
 
 fn check_count(n: usize, max: usize) -> Result<(), EventError> {
@@ -734,13 +454,6 @@ mod tests {
         Stamp::new(crate::ids::IdGen::new())
     }
 
-    fn both<T: std::fmt::Debug + PartialEq>(f: impl Fn(Parser) -> T) -> T {
-        let a = f(Parser::Serde);
-        let b = f(Parser::Simd);
-        assert_eq!(a, b, "serde_json and simd-json paths disagree");
-        a
-    }
-
     #[test]
     fn strings_are_escaped_exactly_as_serde_json_does() {
         let mut samples: Vec<String> = (0u32..0x80)
@@ -767,9 +480,9 @@ mod tests {
     }
 
     #[test]
-    fn data_is_kept_byte_for_byte_on_both_paths() {
+    fn data_is_kept_byte_for_byte() {
         let body = br#"{"type":"order.placed","data":{ "b" : [1, 2.50, "x\"y"], "a":1e3 },"id":"e-1","timestamp":"2024-01-02T03:04:05.123+02:00","metadata":{"k":"v"}}"#;
-        let e = both(|p| parse_one(body, p, &mut stamp()).unwrap());
+        let e = parse_one(body, &mut stamp()).unwrap();
         assert_eq!(e.data, br#"{ "b" : [1, 2.50, "x\"y"], "a":1e3 }"#.to_vec());
         assert_eq!(e.event_type, "order.placed");
         assert_eq!(e.id, "e-1");
@@ -781,12 +494,8 @@ mod tests {
     fn ebuse_client_body_is_accepted() {
         // What Go's json.Marshal makes of ebuse's StoredEvent with only Type and Data set.
         let body = br#"{"position":0,"type":"user.created","data":{"name":"x"},"timestamp":"0001-01-01T00:00:00Z"}"#;
-        let e = both(|p| {
-            let mut e = parse_one(body, p, &mut stamp()).unwrap();
-            e.id.clear();
-            e.timestamp.truncate(2);
-            e
-        });
+        let mut e = parse_one(body, &mut stamp()).unwrap();
+        e.timestamp.truncate(2);
         assert_eq!(e.data, br#"{"name":"x"}"#.to_vec());
         assert_eq!(e.timestamp, "20"); // replaced by now, not year 1
     }
@@ -794,13 +503,13 @@ mod tests {
     #[test]
     fn escaped_strings_are_decoded() {
         let body = br#"{"type":"a\u00e9\n","stream":"s\/1","data":null}"#;
-        let e = both(|p| parse_one(body, p, &mut stamp()).unwrap().event_type);
+        let e = parse_one(body, &mut stamp()).unwrap().event_type;
         assert_eq!(e, "a\u{e9}\n");
     }
 
     #[test]
     fn errors_have_codes() {
-        let code = |b: &[u8]| both(|p| parse_one(b, p, &mut stamp()).unwrap_err().code);
+        let code = |b: &[u8]| parse_one(b, &mut stamp()).unwrap_err().code;
         assert_eq!(code(b"{"), "invalid_json");
         assert_eq!(code(br#"{"data":1}"#), "missing_type");
         assert_eq!(code(br#"{"type":"  "}"#), "empty_type");
@@ -825,15 +534,13 @@ mod tests {
     #[test]
     fn batches_parse_and_count() {
         let body = br#"[{"type":"a","data":1},{"type":"b","data":[1,{"c":"]"}]}]"#;
-        let v = both(|p| {
-            parse_batch(body, p, 1000, &mut stamp())
-                .unwrap()
-                .into_iter()
-                .map(|e| e.data)
-                .collect::<Vec<_>>()
-        });
+        let v: Vec<_> = parse_batch(body, 1000, &mut stamp())
+            .unwrap()
+            .into_iter()
+            .map(|e| e.data)
+            .collect();
         assert_eq!(v, vec![b"1".to_vec(), br#"[1,{"c":"]"}]"#.to_vec()]);
-        let code = |b: &[u8], max| both(|p| parse_batch(b, p, max, &mut stamp()).unwrap_err().code);
+        let code = |b: &[u8], max| parse_batch(b, max, &mut stamp()).unwrap_err().code;
         assert_eq!(code(b"[]", 10), "empty_batch");
         assert_eq!(
             code(br#"[{"type":"a"},{"type":"b"},{"type":"c"}]"#, 2),
@@ -844,9 +551,7 @@ mod tests {
         // A positional array is not an event, in a batch as alone.
         assert_eq!(code(br#"[["a",null]]"#, 10), "invalid_json");
         assert_eq!(
-            both(|p| parse_one(br#"["a",null]"#, p, &mut stamp())
-                .unwrap_err()
-                .code),
+            parse_one(br#"["a",null]"#, &mut stamp()).unwrap_err().code,
             "invalid_json"
         );
     }
@@ -854,7 +559,7 @@ mod tests {
     #[test]
     fn events_in_one_request_share_a_timestamp_and_get_distinct_ids() {
         let body = br#"[{"type":"a"},{"type":"b"}]"#;
-        let v = parse_batch(body, Parser::Serde, 10, &mut stamp()).unwrap();
+        let v = parse_batch(body, 10, &mut stamp()).unwrap();
         assert_eq!(v[0].timestamp, v[1].timestamp);
         assert_ne!(v[0].id, v[1].id);
         assert_eq!(v[0].id.len(), 36);
@@ -867,7 +572,6 @@ mod tests {
             stream_version: Some(3),
             new: parse_one(
                 br#"{"type":"t\"q","data":{"x":1},"stream":"s","id":"i"}"#,
-                Parser::Serde,
                 &mut stamp(),
             )
             .unwrap(),

@@ -762,59 +762,67 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
             .origin
             .clone()
             .and_then(|r| cors_lines(&shard.cfg.server, &pending[r]));
-        if head.method == Method::Options && route::is_endpoint(path) {
-            preflight(cors.is_some()).write(&mut out, keep_alive, false, cors.as_deref());
-            let body_len = head.content_length.unwrap_or(0);
-            if head.chunked || rb.pending().len() < head.head_len + body_len {
-                let _ = flush(&mut stream, &mut out).await;
-                return;
-            }
-            rb.consume(head.head_len + body_len);
-            if !keep_alive {
-                let _ = flush(&mut stream, &mut out).await;
-                return;
-            }
-            if rb.start == rb.end && flush(&mut stream, &mut out).await.is_err() {
-                return;
-            }
-            continue;
-        }
-        let limited = rate_limit(
-            permit.admission().limiter.as_ref(),
-            &shard,
-            &client,
-            &head,
-            path,
-            pending,
-        );
-        let (route, tenant) =
-            match limited.and_then(|()| route::resolve(&shard, &head, path, pending)) {
-                Ok(r) => r,
-                Err(e) => {
-                    if e.status == 429 {
-                        shard.metrics.rate_limited();
-                    }
-                    shard.metrics.request(
-                        crate::metrics::OTHER,
-                        e.status,
-                        request_started.elapsed().as_micros() as u64,
-                    );
-                    // A body we will not read cannot be skipped safely unless it is here already.
-                    let body_len = head.content_length.unwrap_or(0);
-                    // `Connection: close` (or HTTP/1.0) is honoured for errors too.
-                    let close = e.close
-                        || !keep_alive
-                        || head.chunked
-                        || rb.pending().len() < head.head_len + body_len;
-                    e.write(&mut out, keep_alive && !close, cors.as_deref());
-                    if close {
-                        let _ = flush(&mut stream, &mut out).await;
+        // Answered without a handler: a CORS preflight, or a refusal
+        // (rate limit, route, auth, size) decided from the head alone.
+        let resolved = if head.method == Method::Options && route::is_endpoint(path) {
+            Err(preflight(cors.is_some()))
+        } else {
+            rate_limit(
+                permit.admission().limiter.as_ref(),
+                &shard,
+                &client,
+                &head,
+                path,
+                pending,
+            )
+            .and_then(|()| route::resolve(&shard, &head, path, pending))
+            .map_err(|e| {
+                if e.status == 429 {
+                    shard.metrics.rate_limited();
+                }
+                e.into_response()
+            })
+        };
+        let body_len = head.content_length.unwrap_or(0);
+        let (route, tenant) = match resolved {
+            Ok(r) => r,
+            Err(answer) => {
+                // Its body is read and dropped, so the next request on the
+                // connection is found however the bytes were split across
+                // reads; unless the body is unbounded (chunked), too large,
+                // or awaited behind `Expect: 100-continue` (the client may
+                // never send it after a final answer). `Connection: close`
+                // (or HTTP/1.0) is honoured here too.
+                let here = rb.pending().len() >= head.head_len + body_len;
+                let close = answer.close
+                    || !keep_alive
+                    || head.chunked
+                    || body_len > cfg.max_body_bytes
+                    || (head.expect_continue && !here);
+                if !close {
+                    let deadline = request_started + cfg.read_timeout;
+                    let cors = cors.as_deref();
+                    if !read_body(&mut stream, &mut rb, &mut out, &head, deadline, cors).await {
                         return;
                     }
-                    rb.consume(head.head_len + body_len);
-                    continue;
                 }
-            };
+                shard.metrics.request(
+                    crate::metrics::OTHER,
+                    answer.status,
+                    request_started.elapsed().as_micros() as u64,
+                );
+                answer.write(&mut out, !close, false, cors.as_deref());
+                if close {
+                    let _ = flush(&mut stream, &mut out).await;
+                    return;
+                }
+                rb.consume(head.head_len + body_len);
+                if rb.start == rb.end && flush(&mut stream, &mut out).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
 
         // A replay of any length, streamed; the connection stays usable after it.
         if route == route::Route::Stream {
@@ -911,40 +919,21 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
         }
 
         // 3. The body.
-        let body_len = head.content_length.unwrap_or(0);
         if head.expect_continue && body_len > 0 && rb.pending().len() < head.head_len + body_len {
             out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
-            if flush(&mut stream, &mut out).await.is_err() {
-                return;
-            }
         }
-        while rb.pending().len() < head.head_len + body_len {
-            if flush(&mut stream, &mut out).await.is_err() {
-                return;
-            }
-            let missing = head.head_len + body_len - rb.pending().len();
-            match read_more(
-                &mut stream,
-                &mut rb,
-                missing,
-                request_started + cfg.read_timeout,
-            )
-            .await
-            {
-                Ok(()) => {}
-                Err(ReadErr::TimedOut) => {
-                    ApiError::new(
-                        408,
-                        "request_timeout",
-                        "request body did not arrive within server.read_timeout",
-                    )
-                    .closing()
-                    .write(&mut out, false, cors.as_deref());
-                    let _ = flush(&mut stream, &mut out).await;
-                    return;
-                }
-                Err(_) => return,
-            }
+        let deadline = request_started + cfg.read_timeout;
+        if !read_body(
+            &mut stream,
+            &mut rb,
+            &mut out,
+            &head,
+            deadline,
+            cors.as_deref(),
+        )
+        .await
+        {
+            return;
         }
 
         // 4. Answer.
@@ -1030,6 +1019,42 @@ async fn flush(stream: &mut TcpStream, out: &mut Vec<u8>) -> io::Result<()> {
         out.shrink_to(1024);
     }
     r
+}
+
+/// Read until the request's whole body is buffered, writing what `out`
+/// holds first (answers to earlier requests, or `100 Continue`). False when
+/// the connection is done: closed, failed, or cut at `deadline` with a 408.
+async fn read_body(
+    stream: &mut TcpStream,
+    rb: &mut ReadBuf,
+    out: &mut Vec<u8>,
+    head: &RequestHead,
+    deadline: Instant,
+    cors: Option<&str>,
+) -> bool {
+    let need = head.head_len + head.content_length.unwrap_or(0);
+    while rb.pending().len() < need {
+        if flush(stream, out).await.is_err() {
+            return false;
+        }
+        let missing = need - rb.pending().len();
+        match read_more(stream, rb, missing, deadline).await {
+            Ok(()) => {}
+            Err(ReadErr::TimedOut) => {
+                ApiError::new(
+                    408,
+                    "request_timeout",
+                    "request body did not arrive within server.read_timeout",
+                )
+                .closing()
+                .write(out, false, cors);
+                let _ = flush(stream, out).await;
+                return false;
+            }
+            Err(_) => return false,
+        }
+    }
+    true
 }
 
 /// What a read for a body may add to the buffer before any of it arrived.

@@ -41,6 +41,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod event;
+pub mod fuzzing;
 pub mod http;
 pub mod ids;
 pub mod index;

@@ -3,7 +3,7 @@
 //! read), and the answer. Appends go to the writer through the shard's
 //! `WriterClient` and are answered only after their commit.
 
-use crate::event::{self, encode_event, Parser};
+use crate::event::{self, encode_event};
 use crate::http::{ApiError, Body, ContentType, Method, RequestHead, Response};
 use crate::shard::{Caller, Shard, Submit, Tenant};
 use crate::tenant::Access;
@@ -563,17 +563,16 @@ fn position(tenant: &Tenant) -> Result<Response, ApiError> {
 async fn append(r: &Req<'_>, tenant: &Tenant, route: Route) -> Result<Response, ApiError> {
     let Req { shard, raw, head } = *r;
     let body = &raw[head.head_len..];
-    let parser = Parser::for_len(body.len(), shard.cfg.api.simd_json_min_bytes);
     let (kind, parsed) = {
         let mut stamp = shard.stamp.borrow_mut();
         match route {
             Route::AppendOne => (
                 AppendKind::One,
-                event::parse_one(body, parser, &mut stamp).map(|e| vec![e]),
+                event::parse_one(body, &mut stamp).map(|e| vec![e]),
             ),
             _ => (
                 AppendKind::Batch,
-                event::parse_batch(body, parser, shard.cfg.api.batch_events_max, &mut stamp),
+                event::parse_batch(body, shard.cfg.api.batch_events_max, &mut stamp),
             ),
         }
     };

@@ -86,7 +86,7 @@ fn stored_event_shape_and_data_byte_for_byte() {
         s.post("/events", r#"{"type":"t"}"#).json()["data"],
         Value::Null
     );
-    // Large bodies take the simd-json path and keep their bytes too.
+    // Large bodies keep their bytes too.
     let big: String = (0..2000)
         .map(|i| format!(r#"{{"i": {i}, "s": "v\n{i}"}}"#))
         .collect::<Vec<_>>()
@@ -204,18 +204,8 @@ fn expected_version_conflicts_get_409_with_the_current_version() {
 
 #[test]
 fn batches_are_all_or_nothing() {
-    batches_are_all_or_nothing_with(&[]);
-}
-
-#[test]
-fn the_simd_json_parser_gives_the_same_answers_when_switched_on() {
-    // Off by default (serde_json measured faster); an operator may turn it on.
-    batches_are_all_or_nothing_with(&[("SHARDCAST_API_SIMD_JSON_MIN_BYTES", "1")]);
-}
-
-fn batches_are_all_or_nothing_with(env: &[(&str, &str)]) {
     let dir = TempDir::new("batch");
-    let s = Server::start(dir.path(), env);
+    let s = Server::start(dir.path(), &[]);
     let r = post_json(
         &s,
         "/events/batch",
