@@ -54,6 +54,7 @@ pub mod replay;
 pub mod route;
 pub mod server;
 pub mod shard;
+pub mod soak;
 pub mod sse;
 pub mod storage;
 pub mod tenant;

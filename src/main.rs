@@ -89,6 +89,41 @@ enum BenchCommand {
     /// Hold N SSE subscribers, publish M events, report deliveries/s,
     /// delivery ratio, publish→deliver latency and server RSS per connection.
     Sse(SseArgs),
+    /// Hold N SSE subscribers under mixed ingestion for a duration, checking
+    /// every delivery and sampling the server's memory and descriptors
+    /// (scripts/soak.sh runs it against a fresh server).
+    Soak(SoakArgs),
+}
+
+#[derive(clap::Args)]
+struct SoakArgs {
+    /// The server, as host:port.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: std::net::SocketAddr,
+    /// Sent as X-API-Key.
+    #[arg(long, env = "API_KEY")]
+    api_key: Option<String>,
+    /// The server's pid (its memory and descriptors are sampled).
+    #[arg(long)]
+    server_pid: u32,
+    /// Subscribers: half follow everything, half one of ten types.
+    #[arg(long, short = 'n', default_value_t = 10_000)]
+    subscribers: usize,
+    /// How long to publish, in seconds.
+    #[arg(long, default_value_t = 600)]
+    seconds: u64,
+    /// Single-event appends per second.
+    #[arg(long, default_value_t = 10.0)]
+    singles: f64,
+    /// Batch appends (10 events each) per second.
+    #[arg(long, default_value_t = 1.0)]
+    batches: f64,
+    /// Page reads (GET /events) per second.
+    #[arg(long, default_value_t = 5.0)]
+    reads: f64,
+    /// Seconds between samples.
+    #[arg(long, default_value_t = 10)]
+    sample_secs: u64,
 }
 
 #[derive(clap::Args)]
@@ -259,6 +294,28 @@ fn main() -> ExitCode {
         Some(Command::Bench {
             what: BenchCommand::Sse(a),
         }) => return bench_sse(a),
+        Some(Command::Bench {
+            what: BenchCommand::Soak(a),
+        }) => {
+            let soak = shardcast::soak::Soak {
+                addr: a.addr,
+                api_key: a.api_key.filter(|k| !k.is_empty()),
+                subscribers: a.subscribers,
+                duration: std::time::Duration::from_secs(a.seconds),
+                singles_per_sec: a.singles,
+                batches_per_sec: a.batches,
+                reads_per_sec: a.reads,
+                server_pid: a.server_pid,
+                sample: std::time::Duration::from_secs(a.sample_secs.max(1)),
+            };
+            return match shardcast::soak::run(soak) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    shardcast::say_err!("shardcast bench soak: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
     };
     let (config_file, tenants_file) = args.files();
     // `--tenants` is `auth.tenants_file`, above the file and the environment.
