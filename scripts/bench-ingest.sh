@@ -16,6 +16,9 @@
 #
 # Settings (environment):
 #   DURATION=10s  CONNECTIONS=100  THREADS=2  RUNS=3  BATCH_SIZE=100
+#   SYNC="normal"       database.synchronous of each shardcast; "normal full"
+#                       runs one server per mode, interleaved in the same runs
+#                       (rows single/batch for normal, single_full/batch_full …)
 #   SHARDCAST_BIN=path  skip the build and use this binary
 #   NGINX=path          nginx binary (default: nginx on PATH); absent → said plainly, skipped
 #   KEEP_DIR=1          keep the scratch directory (data, logs) for inspection
@@ -31,6 +34,7 @@ CONNECTIONS=${CONNECTIONS:-100}
 THREADS=${THREADS:-2}
 RUNS=${RUNS:-3}
 BATCH_SIZE=${BATCH_SIZE:-100}
+SYNC=${SYNC:-normal}
 KEY=${API_KEY:-bench-key-0123456789}
 export API_KEY=$KEY BATCH_SIZE
 
@@ -53,12 +57,18 @@ trap cleanup EXIT
 # shellcheck source=scripts/lib.sh
 source "$here/lib.sh"
 
-# --- shardcast -------------------------------------------------------------
-sc_port=$(free_port)
-PORT=$sc_port DB_PATH=$work/data/events.db RATE_LIMIT=0 RUST_LOG=warn \
-  "$SHARDCAST_BIN" serve >"$work/shardcast.out" 2>"$work/shardcast.log" &
-pids+=($!)
-wait_port "$sc_port" "$work/shardcast.log"
+# --- shardcast, one per synchronous mode -----------------------------------
+declare -A sc_ports
+for mode in $SYNC; do
+  port=$(free_port)
+  PORT=$port DB_PATH=$work/data-$mode/events.db RATE_LIMIT=0 RUST_LOG=warn \
+    SHARDCAST_DATABASE_SYNCHRONOUS=$mode \
+    "$SHARDCAST_BIN" serve >"$work/shardcast-$mode.out" 2>"$work/shardcast-$mode.log" &
+  pids+=($!)
+  wait_port "$port" "$work/shardcast-$mode.log"
+  sc_ports[$mode]=$port
+done
+suffix() { [ "$1" = normal ] && echo "" || echo "_$1"; }
 
 # --- nginx -----------------------------------------------------------------
 NGINX=${NGINX:-$(command -v nginx || true)}
@@ -90,7 +100,7 @@ else
 fi
 
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) CPUs, $(uname -r); wrk -t$THREADS -c$CONNECTIONS -d$DURATION, $RUNS runs, batch $BATCH_SIZE"
-echo "# shardcast $("$SHARDCAST_BIN" --version | cut -d' ' -f2) synchronous=normal; nginx: ${NGINX:-absent}"
+echo "# shardcast $("$SHARDCAST_BIN" --version | cut -d' ' -f2) synchronous=${SYNC// /,}; nginx: ${NGINX:-absent}"
 
 run() { # name url script
   local line
@@ -104,41 +114,53 @@ run() { # name url script
 
 for r in $(seq 1 "$RUNS"); do
   [ -n "$ng_port" ] && run nginx "http://127.0.0.1:$ng_port/events" post-event.lua
-  run single "http://127.0.0.1:$sc_port/events" post-event.lua
-  run batch "http://127.0.0.1:$sc_port/events/batch" post-batch.lua
+  for mode in $SYNC; do
+    run "single$(suffix "$mode")" "http://127.0.0.1:${sc_ports[$mode]}/events" post-event.lua
+  done
+  for mode in $SYNC; do
+    run "batch$(suffix "$mode")" "http://127.0.0.1:${sc_ports[$mode]}/events/batch" post-batch.lua
+  done
 done
 
 # Everything acknowledged must be stored: sum the 2xx answers × events each.
-acked=$(awk '$1=="single"||$1=="batch" {
-  for (i=2;i<=NF;i++) { split($i,kv,"="); v[kv[1]]=kv[2] }
-  ok = v["requests"] - v["non2xx"]; n += ($1=="batch" ? ok*'"$BATCH_SIZE"' : ok) }
-  END { printf "%d", n }' "$work/results")
-stored=$( { exec 3<>"/dev/tcp/127.0.0.1/$sc_port" &&
-  printf 'GET /position HTTP/1.1\r\nHost: bench\r\nX-API-Key: %s\r\nConnection: close\r\n\r\n' "$KEY" >&3 &&
-  cat <&3; } 2>/dev/null | grep -o '"position":[0-9]*' | cut -d: -f2 || true)
-stored=${stored:-?}
-echo "# acknowledged events: $acked, stored (GET /position): $stored"
+lost=0
+for mode in $SYNC; do
+  sfx=$(suffix "$mode")
+  acked=$(awk -v s="single$sfx" -v b="batch$sfx" '$1==s||$1==b {
+    for (i=2;i<=NF;i++) { split($i,kv,"="); v[kv[1]]=kv[2] }
+    ok = v["requests"] - v["non2xx"]; n += ($1==b ? ok*'"$BATCH_SIZE"' : ok) }
+    END { printf "%d", n }' "$work/results")
+  stored=$( { exec 3<>"/dev/tcp/127.0.0.1/${sc_ports[$mode]}" &&
+    printf 'GET /position HTTP/1.1\r\nHost: bench\r\nX-API-Key: %s\r\nConnection: close\r\n\r\n' "$KEY" >&3 &&
+    cat <&3; } 2>/dev/null | grep -o '"position":[0-9]*' | cut -d: -f2 || true)
+  stored=${stored:-?}
+  echo "# synchronous=$mode: acknowledged events: $acked, stored (GET /position): $stored"
+  if [ "$stored" != "?" ] && [ "$stored" -lt "$acked" ]; then lost=1; fi
+done
 
 echo "# medians of $RUNS runs"
 awk '
-  { name=$1; for (i=2;i<=NF;i++) { split($i,kv,"="); vals[name, kv[1], ++cnt[name, kv[1]]] = kv[2] } names[name]=1 }
+  { name=$1; for (i=2;i<=NF;i++) { split($i,kv,"="); vals[name, kv[1], ++cnt[name, kv[1]]] = kv[2] }
+    if (!(name in names)) order[++nn] = name; names[name]=1 }
   function median(name, key,   n, i, j, t, a) {
     n = cnt[name, key]; for (i=1;i<=n;i++) a[i] = vals[name, key, i]
     for (i=1;i<=n;i++) for (j=i+1;j<=n;j++) if (a[j]+0 < a[i]+0) { t=a[i]; a[i]=a[j]; a[j]=t }
     return (n % 2) ? a[(n+1)/2] : (a[n/2] + a[n/2+1]) / 2
   }
   END {
-    split("nginx single batch", order, " ")
-    for (k=1;k<=3;k++) { nm=order[k]; if (!(nm in names)) continue
+    for (k=1;k<=nn;k++) { nm=order[k]
       m[nm] = median(nm, "req_s")
       printf "MEDIAN %s req_s=%.0f events_s=%.0f p50_us=%.0f p99_us=%.0f non2xx=%.0f errors=%.0f\n",
         nm, m[nm], median(nm, "events_s"), median(nm, "p50_us"), median(nm, "p99_us"),
         median(nm, "non2xx"), median(nm, "errors") }
-    if (("nginx" in names) && m["nginx"] > 0)
+    if (("nginx" in names) && m["nginx"] > 0 && ("single" in names))
       printf "RATIO single/nginx req_s=%.2f\n", m["single"] / m["nginx"]
+    for (k=1;k<=nn;k++) { nm=order[k]; split(nm, parts, "_")
+      if (parts[2] != "" && (parts[1] in m) && m[parts[1]] > 0)
+        printf "RATIO %s/%s req_s=%.2f\n", nm, parts[1], m[nm] / m[parts[1]] }
   }' "$work/results"
 
-if [ "$stored" != "?" ] && [ "$stored" -lt "$acked" ]; then
-  echo "bench-ingest: FAILED: $acked events acknowledged but the head is $stored" >&2
+if [ "$lost" = 1 ]; then
+  echo "bench-ingest: FAILED: a server stored fewer events than it acknowledged" >&2
   exit 1
 fi
