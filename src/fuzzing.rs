@@ -154,7 +154,11 @@ pub fn query(data: &[u8]) {
     let last = (!last_id.is_empty()).then_some(last_id);
     let k = (!key.is_empty()).then_some(key.as_bytes());
     if let Ok(s) = crate::sse::subscription(q, last, k) {
-        assert!(s.filter.types.iter().all(|t| !t.is_empty()));
+        // Every pattern is a name or a prefix; a '*' only ends one.
+        for t in s.filter.types.iter().chain(s.filter.stream.iter()) {
+            let (crate::sse::Pattern::Exact(n) | crate::sse::Pattern::Prefix(n)) = t;
+            assert!(!n.contains('*'), "{t:?}");
+        }
         assert_eq!(s.key.as_deref(), k);
     }
     let query = crate::route::Query(q);

@@ -16,23 +16,18 @@ use crate::config::SlowClient;
 use crate::event::Event;
 use crate::http::ApiError;
 use crate::shard::{Shard, Tenant};
+pub use index::{Filter, Frame, Pattern};
+use index::{Ring, Waiters};
+
+mod index;
 use futures_lite::{AsyncRead, AsyncWriteExt};
 use glommio::net::TcpStream;
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Poll, Waker};
-
-/// One event, encoded once per shard.
-struct Frame {
-    position: u64,
-    event_type: Box<str>,
-    stream: Option<Box<str>>,
-    /// `id: …\nevent: …\ndata: …\n\n`
-    bytes: Box<[u8]>,
-}
+use std::task::Poll;
 
 /// Encode one event as an SSE message: `id:` its position, `event:` its type,
 /// `data:` the stored event as JSON. The JSON is one line unless `data` held
@@ -72,13 +67,13 @@ pub fn encode_frame(out: &mut Vec<u8>, e: &Event) {
     out.extend_from_slice(b"\n\n");
 }
 
-/// The shard's ring of frames and the subscribers waiting on it.
+/// The shard's ring of frames (one tenant's) and the subscribers waiting
+/// on it, both indexed by what subscribers follow (`index`).
 pub struct Fanout {
-    ring: RefCell<VecDeque<Frame>>,
-    ring_max: usize,
+    ring: RefCell<Ring>,
     /// Position of the newest event this shard has seen (its start head when none).
     last: Cell<u64>,
-    waiting: RefCell<HashMap<u64, Waker>>,
+    waiting: RefCell<Waiters>,
     next_sub: Cell<u64>,
     heartbeat: Cell<u64>,
     pub subscribers: Cell<usize>,
@@ -96,10 +91,9 @@ pub struct Fanout {
 impl Fanout {
     pub fn new(start_head: u64, ring_max: usize) -> Fanout {
         Fanout {
-            ring: RefCell::new(VecDeque::with_capacity(ring_max.min(4096))),
-            ring_max,
+            ring: RefCell::new(Ring::new(ring_max)),
             last: Cell::new(start_head),
-            waiting: RefCell::new(HashMap::new()),
+            waiting: RefCell::new(Waiters::default()),
             next_sub: Cell::new(0),
             heartbeat: Cell::new(0),
             subscribers: Cell::new(0),
@@ -117,14 +111,10 @@ impl Fanout {
 
     /// The oldest position the ring still holds (`last + 1` when empty).
     fn first(&self) -> u64 {
-        self.ring
-            .borrow()
-            .front()
-            .map(|f| f.position)
-            .unwrap_or(self.last.get() + 1)
+        self.ring.borrow().first().unwrap_or(self.last.get() + 1)
     }
 
-    /// Add a commit's events and wake every waiting subscriber.
+    /// Add a commit's events and wake the subscribers that want one of them.
     pub fn publish(&self, events: &[Event]) {
         if events.is_empty() {
             return;
@@ -143,67 +133,43 @@ impl Fanout {
             }
             return;
         }
-        {
-            let mut ring = self.ring.borrow_mut();
-            for e in events {
-                // A commit that landed before this shard read its start head.
-                if e.position <= self.last.get() {
-                    continue;
-                }
-                // Cursors skip nothing only if the ring has no holes.
-                assert_eq!(
-                    e.position,
-                    self.last.get() + 1,
-                    "fan-out positions must be contiguous"
-                );
-                let mut bytes = Vec::with_capacity(128 + e.new.data.len());
-                encode_frame(&mut bytes, e);
-                if ring.len() == self.ring_max {
-                    ring.pop_front();
-                }
-                ring.push_back(Frame {
-                    position: e.position,
-                    event_type: e.new.event_type.as_str().into(),
-                    stream: e.new.stream.as_deref().map(Into::into),
-                    bytes: bytes.into_boxed_slice(),
-                });
-                self.last.set(e.position);
+        let mut ring = self.ring.borrow_mut();
+        let mut waiting = self.waiting.borrow_mut();
+        for e in events {
+            // A commit that landed before this shard read its start head.
+            if e.position <= self.last.get() {
+                continue;
             }
+            // Cursors skip nothing only if the ring has no holes.
+            assert_eq!(
+                e.position,
+                self.last.get() + 1,
+                "fan-out positions must be contiguous"
+            );
+            let mut bytes = Vec::with_capacity(128 + e.new.data.len());
+            encode_frame(&mut bytes, e);
+            let frame = Frame {
+                position: e.position,
+                event_type: e.new.event_type.as_str().into(),
+                stream: e.new.stream.as_deref().map(Into::into),
+                bytes: bytes.into_boxed_slice(),
+            };
+            waiting.publish(&frame);
+            ring.push(frame);
+            self.last.set(e.position);
         }
-        self.wake_all();
     }
 
     /// The tenant is gone (reload): end every subscription.
     pub fn close(&self) {
         self.closed.set(true);
-        self.wake_all();
+        self.waiting.borrow().wake_all();
     }
 
     /// The heartbeat: every idle subscriber writes a comment line.
     pub fn beat(&self) {
         self.heartbeat.set(self.heartbeat.get() + 1);
-        self.wake_all();
-    }
-
-    fn wake_all(&self) {
-        let waiting = std::mem::take(&mut *self.waiting.borrow_mut());
-        for (_, w) in waiting {
-            w.wake();
-        }
-    }
-}
-
-/// Which events a subscriber wants.
-#[derive(Debug, Clone, Default)]
-pub struct Filter {
-    pub types: Vec<String>,
-    pub stream: Option<String>,
-}
-
-impl Filter {
-    fn matches(&self, event_type: &str, stream: Option<&str>) -> bool {
-        (self.types.is_empty() || self.types.iter().any(|t| t == event_type))
-            && self.stream.as_deref().is_none_or(|s| stream == Some(s))
+        self.waiting.borrow().wake_all();
     }
 }
 
@@ -226,16 +192,19 @@ pub struct Subscription {
     pub cors: Option<String>,
 }
 
-/// Counts a subscriber against the shard's caps while it lives.
+/// Counts a subscriber against the shard's caps while it lives, and keeps
+/// the ring's position lists for its prefixes.
 struct Slot<'a> {
     fanout: &'a Fanout,
     id: u64,
     key: Option<Box<[u8]>>,
+    filter: &'a Filter,
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        self.fanout.waiting.borrow_mut().remove(&self.id);
+        self.fanout.waiting.borrow_mut().unregister(self.id);
+        self.fanout.ring.borrow_mut().remove_reader(self.filter);
         self.fanout
             .subscribers
             .set(self.fanout.subscribers.get() - 1);
@@ -251,7 +220,12 @@ impl Drop for Slot<'_> {
     }
 }
 
-fn admit<'a>(shard: &Shard, f: &'a Fanout, key: Option<Box<[u8]>>) -> Result<Slot<'a>, ApiError> {
+fn admit<'a>(
+    shard: &Shard,
+    f: &'a Fanout,
+    key: Option<Box<[u8]>>,
+    filter: &'a Filter,
+) -> Result<Slot<'a>, ApiError> {
     let cfg = &shard.cfg.sse;
     // The process cap, split evenly: each shard enforces its share alone.
     let per_shard = cfg.max_connections.div_ceil(shard.cfg.server.shards);
@@ -284,9 +258,15 @@ fn admit<'a>(shard: &Shard, f: &'a Fanout, key: Option<Box<[u8]>>) -> Result<Slo
         *f.per_key.borrow_mut().entry(k.clone()).or_insert(0) += 1;
     }
     f.subscribers.set(f.subscribers.get() + 1);
+    f.ring.borrow_mut().add_reader(filter);
     let id = f.next_sub.get();
     f.next_sub.set(id + 1);
-    Ok(Slot { fanout: f, id, key })
+    Ok(Slot {
+        fanout: f,
+        id,
+        key,
+        filter,
+    })
 }
 
 /// What woke a waiting subscriber.
@@ -315,7 +295,8 @@ pub fn serve(
         let registration = shard.conns.register(stream.as_raw_fd());
         // Needed only for the head: not kept for the subscription's lifetime.
         let cors = sub.cors.take();
-        let slot = match admit(&shard, &tenant.fanout, sub.key.take()) {
+        let filter = &sub.filter;
+        let slot = match admit(&shard, &tenant.fanout, sub.key.take(), filter) {
             Ok(s) => s,
             Err(e) => {
                 let mut out = Vec::new();
@@ -394,10 +375,7 @@ Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: keep-alive\r\n",
                             out.extend_from_slice(b"}\n\n");
                         }
                         for e in &events {
-                            if sub
-                                .filter
-                                .matches(&e.new.event_type, e.new.stream.as_deref())
-                            {
+                            if filter.matches(&e.new.event_type, e.new.stream.as_deref()) {
                                 encode_frame(&mut out, e);
                                 fanout.delivered.set(fanout.delivered.get() + 1);
                             }
@@ -420,30 +398,42 @@ Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: keep-alive\r\n",
                 continue;
             }
 
-            // 2. From the ring: everything pending, at most a client buffer's worth.
+            // 2. From the ring: the frames it wants after its cursor, at most
+            //    a client buffer's worth, found by key (not by scanning).
             if fanout.last() > cursor {
+                let mut wrote = false;
                 {
                     let ring = fanout.ring.borrow();
                     let mut scratch = fanout.scratch.borrow_mut();
                     scratch.clear();
-                    let first = ring.front().map(|f| f.position).unwrap_or(cursor + 1);
-                    let from = (cursor + 1 - first) as usize;
-                    for f in ring.range(from..).take(cfg.client_buffer_events) {
-                        if sub.filter.matches(&f.event_type, f.stream.as_deref()) {
-                            scratch.extend_from_slice(&f.bytes);
-                            fanout.delivered.set(fanout.delivered.get() + 1);
+                    let mut n = 0;
+                    let looked = ring.each_match(filter, cursor, cfg.client_buffer_events, |f| {
+                        scratch.extend_from_slice(&f.bytes);
+                        n += 1;
+                    });
+                    // Fewer than a buffer's worth: everything up to `last`
+                    // was looked at; else go on after the last one sent.
+                    cursor = if n < cfg.client_buffer_events {
+                        fanout.last()
+                    } else {
+                        looked
+                    };
+                    fanout.delivered.set(fanout.delivered.get() + n as u64);
+                    if n > 0 {
+                        wrote = true;
+                        // Usually the socket takes it all at once; only what it
+                        // does not take is copied out to wait for the client.
+                        match send_now(stream.as_raw_fd(), &scratch) {
+                            Ok(sent) => out.extend_from_slice(&scratch[sent..]),
+                            Err(()) => return,
                         }
-                        cursor = f.position;
-                    }
-                    // Usually the socket takes it all at once; only what it
-                    // does not take is copied out to wait for the client.
-                    match send_now(stream.as_raw_fd(), &scratch) {
-                        Ok(sent) => out.extend_from_slice(&scratch[sent..]),
-                        Err(()) => return,
                     }
                     if scratch.capacity() > SCRATCH_KEEP_BYTES {
                         *scratch = Vec::new();
                     }
+                }
+                if !wrote {
+                    continue;
                 }
                 seen_beat = fanout.heartbeat.get();
                 if write(&mut stream, &mut out).await.is_err() {
@@ -451,8 +441,14 @@ Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: keep-alive\r\n",
                 }
                 // What piled up while that write waited on the client: more than
                 // its buffer means the client reads slower than events arrive.
-                let lag = fanout.last().saturating_sub(cursor);
-                if lag as usize > cfg.client_buffer_events {
+                let mut lag = 0;
+                fanout.ring.borrow().each_match(
+                    filter,
+                    cursor,
+                    cfg.client_buffer_events + 1,
+                    |_| lag += 1,
+                );
+                if lag > cfg.client_buffer_events {
                     if !lagging {
                         lagging = true;
                         fanout.slow_clients.set(fanout.slow_clients.get() + 1);
@@ -467,8 +463,10 @@ Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: keep-alive\r\n",
                 continue;
             }
 
-            // 3. Nothing pending: wait for the ring, the heartbeat, or the peer leaving.
+            // 3. Nothing wanted is pending: wait in the index for a matching
+            //    commit, the heartbeat, or the peer leaving.
             registration.set_idle(true);
+            let mut registered = false;
             let woke = std::future::poll_fn(|cx| {
                 // Keeps one read armed with the reactor: a closed or half-closed
                 // peer ends the subscription now, not at the next write.
@@ -485,7 +483,13 @@ Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: keep-alive\r\n",
                 if fanout.closed.get() {
                     return Poll::Ready(Wake::Closed);
                 }
-                if fanout.last() > cursor || cursor + 1 < fanout.first() {
+                if registered {
+                    if fanout.waiting.borrow().woken(slot.id) {
+                        return Poll::Ready(Wake::Events);
+                    }
+                } else if cursor + 1 < fanout.first()
+                    || fanout.ring.borrow().has_match(filter, cursor)
+                {
                     return Poll::Ready(Wake::Events);
                 }
                 if fanout.heartbeat.get() != seen_beat {
@@ -494,11 +498,22 @@ Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: keep-alive\r\n",
                 fanout
                     .waiting
                     .borrow_mut()
-                    .insert(slot.id, cx.waker().clone());
+                    .register(slot.id, filter, cx.waker());
+                registered = true;
                 Poll::Pending
             })
             .await;
             registration.set_idle(false);
+            if registered {
+                // Out of the index. While in it, every matching commit was
+                // noted: nothing it wants came before the first one noted,
+                // and with none noted, nothing up to now (index.rs).
+                let from = fanout.waiting.borrow_mut().unregister(slot.id);
+                cursor = match from {
+                    Some(p) => cursor.max(p - 1),
+                    None => cursor.max(fanout.last()),
+                };
+            }
             match woke {
                 Wake::Closed => return,
                 Wake::Events => {}
@@ -624,16 +639,23 @@ pub fn subscription(
     } else {
         Start::Live
     };
+    let bad =
+        |name: &str, why: String| ApiError::new(400, "invalid_parameter", format!("{name}: {why}"));
     let types = query_param(query, "types")
         .or_else(|| query_param(query, "type"))
         .map(|t| {
             t.split(',')
-                .map(|s| s.trim().to_string())
+                .map(str::trim)
                 .filter(|s| !s.is_empty())
-                .collect()
+                .map(|s| Pattern::parse(s).map_err(|why| bad("types", why)))
+                .collect::<Result<Vec<_>, _>>()
         })
+        .transpose()?
         .unwrap_or_default();
-    let stream = query_param(query, "stream").filter(|s| !s.is_empty());
+    let stream = query_param(query, "stream")
+        .filter(|s| !s.is_empty())
+        .map(|s| Pattern::parse(&s).map_err(|why| bad("stream", why)))
+        .transpose()?;
     Ok(Subscription {
         filter: Filter { types, stream },
         start,
@@ -751,8 +773,11 @@ mod tests {
     fn start_points_and_filters() {
         let s = subscription("from=5&types=a,b&stream=s%201", None, None).unwrap();
         assert_eq!(s.start, Start::After(4));
-        assert_eq!(s.filter.types, vec!["a", "b"]);
-        assert_eq!(s.filter.stream.as_deref(), Some("s 1"));
+        assert_eq!(
+            s.filter.types,
+            vec![Pattern::Exact("a".into()), Pattern::Exact("b".into())]
+        );
+        assert_eq!(s.filter.stream, Some(Pattern::Exact("s 1".into())));
         assert!(s.filter.matches("a", Some("s 1")));
         assert!(!s.filter.matches("c", Some("s 1")));
         assert!(!s.filter.matches("a", None));
