@@ -14,6 +14,16 @@
 #   SUBSCRIBERS="1000 10000"  EVENTS=100  RATE=0 (as fast as answered)  RUNS=3
 #   SHARDCAST_BIN=path   skip the build
 #   DRAIN_SECS=60        wait for deliveries after the last publish
+#   TYPES=0              topics: subscriber i follows t{i mod TYPES}, event n is
+#                        t{n mod TYPES} (nchan: one channel per topic); 0 = all
+#   PUBLISHERS=4         publishing keep-alive connections
+#   SERIAL=              set (SERIAL=1): one event in flight per publisher
+#
+# The workloads of docs/benchmarks.md:
+#   scripts/bench-sse.sh                                        # burst broadcast
+#   SUBSCRIBERS=10000 TYPES=1000 EVENTS=100000 RATE=20000 PUBLISHERS=16 \
+#     scripts/bench-sse.sh                                      # many topics
+#   SUBSCRIBERS=10000 EVENTS=2000 PUBLISHERS=1 SERIAL=1 scripts/bench-sse.sh  # one at a time
 # Needs nginx with nchan (apt-get install nginx libnginx-mod-nchan); without
 # it shardcast runs alone and the script says so.
 #
@@ -28,6 +38,11 @@ EVENTS=${EVENTS:-100}
 RATE=${RATE:-0}
 RUNS=${RUNS:-3}
 DRAIN_SECS=${DRAIN_SECS:-60}
+TYPES=${TYPES:-0}
+PUBLISHERS=${PUBLISHERS:-4}
+SERIAL=${SERIAL:-}
+extra=(--types "$TYPES" --publishers "$PUBLISHERS")
+[ -n "$SERIAL" ] && extra+=(--serial)
 
 if [ -z "${SHARDCAST_BIN:-}" ]; then
   (cd "$root" && cargo build --release --quiet)
@@ -65,7 +80,7 @@ run_shardcast() { # N run
   wait_port "$port"
   local line
   line=$("$SHARDCAST_BIN" bench sse --addr "127.0.0.1:$port" -n "$1" -m "$EVENTS" --rate "$RATE" \
-    --server-pid "$pid" --drain-secs "$DRAIN_SECS" | grep '^RESULT ' || true)
+    --server-pid "$pid" --drain-secs "$DRAIN_SECS" "${extra[@]}" | grep '^RESULT ' || true)
   kill "$pid"; wait "$pid" 2>/dev/null || true
   [ -n "$line" ] || { echo "bench-sse: no result from shardcast at $1"; cat "$dir/log" >&2; exit 1; }
   echo "shardcast n=$1 ${line#RESULT }" | tee -a "$work/results"
@@ -88,6 +103,8 @@ http {
     listen 127.0.0.1:$port;
     location = /pub/bench { nchan_publisher; nchan_channel_id bench; }
     location = /sub/bench { nchan_subscriber eventsource; nchan_channel_id bench; }
+    location ~ ^/pub/bench/(\w+)\$ { nchan_publisher; nchan_channel_id \$1; }
+    location ~ ^/sub/bench/(\w+)\$ { nchan_subscriber eventsource; nchan_channel_id \$1; }
   }
 }
 EOF
@@ -103,13 +120,13 @@ EOF
   done
   local line
   line=$("$SHARDCAST_BIN" bench sse --target nchan --addr "127.0.0.1:$port" -n "$1" -m "$EVENTS" \
-    --rate "$RATE" --server-pid "$worker" --drain-secs "$DRAIN_SECS" | grep '^RESULT ' || true)
+    --rate "$RATE" --server-pid "$worker" --drain-secs "$DRAIN_SECS" "${extra[@]}" | grep '^RESULT ' || true)
   kill "$master"; wait "$master" 2>/dev/null || true
   [ -n "$line" ] || { echo "bench-sse: no result from nchan at $1"; cat "$dir/stderr" "$dir/logs/error.log" >&2; exit 1; }
   echo "nchan n=$1 ${line#RESULT }" | tee -a "$work/results"
 }
 
-echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) CPUs, $(uname -r); events=$EVENTS rate=$RATE runs=$RUNS nofile=$(ulimit -n)"
+echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) CPUs, $(uname -r); events=$EVENTS rate=$RATE runs=$RUNS types=$TYPES publishers=$PUBLISHERS serial=${SERIAL:-0} nofile=$(ulimit -n)"
 for r in $(seq 1 "$RUNS"); do
   for n in $SUBSCRIBERS; do
     run_shardcast "$n" "$r"
@@ -127,9 +144,10 @@ awk '
   }
   END {
     for (key in keys) {
-      printf "MEDIAN %s connections=%d delivery_ratio=%.4f deliveries_s=%.0f p50_us=%.0f p99_us=%.0f rss_per_conn_bytes=%.0f\n",
+      printf "MEDIAN %s connections=%d delivery_ratio=%.4f deliveries_s=%.0f p50_us=%.0f p99_us=%.0f rss_per_conn_bytes=%.0f events_s=%.0f cpu_ns_per_delivery=%.0f\n",
         key, med(key,"connections"), med(key,"delivery_ratio"), med(key,"deliveries_s"),
-        med(key,"p50_us"), med(key,"p99_us"), med(key,"rss_per_conn_bytes")
+        med(key,"p50_us"), med(key,"p99_us"), med(key,"rss_per_conn_bytes"), med(key,"events_s"),
+        med(key,"cpu_ns_per_delivery")
       m[key] = med(key,"deliveries_s"); p[key] = med(key,"p99_us")
     }
     for (key in keys) { split(key, kk, " "); if (kk[1] == "shardcast" && (("nchan " kk[2]) in keys))

@@ -46,6 +46,31 @@ pub struct SseBench {
     pub drain: Duration,
     /// Publishing connections, each pipelining its share of the events.
     pub publishers: usize,
+    /// Topics: subscriber i follows type (channel) `t{i mod types}` and event
+    /// n has type `t{n mod types}`; 0 = every subscriber gets every event.
+    pub types: usize,
+    /// One event in flight per publisher: wait for each answer before the
+    /// next request (else requests are pipelined on schedule).
+    pub serial: bool,
+}
+
+impl SseBench {
+    /// The subscribe path of subscriber `i`.
+    fn sub_path_of(&self, i: usize) -> String {
+        match (self.types, self.target) {
+            (0, _) => self.sub_path.clone(),
+            (k, Target::Shardcast) => format!("{}?types=t{}", self.sub_path, i % k),
+            (k, Target::Nchan) => format!("{}/t{}", self.sub_path, i % k),
+        }
+    }
+
+    /// Subscribers (of `held`) that follow event `n`.
+    fn followers(&self, held: usize, n: usize) -> u64 {
+        match self.types {
+            0 => held as u64,
+            k => (held / k + usize::from(n % k < held % k)) as u64,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -59,12 +84,17 @@ pub struct SseReport {
     pub p99_us: u64,
     pub rss_per_idle_conn_bytes: Option<i64>,
     pub publish_secs: f64,
+    /// Events acknowledged per second of publishing.
+    pub events_per_sec: f64,
+    /// Server CPU time (user + system) from the first publish to the last
+    /// delivery, per delivery.
+    pub cpu_ns_per_delivery: Option<u64>,
 }
 
 impl SseReport {
     pub fn line(&self) -> String {
         format!(
-            "RESULT connections={} deliveries={} expected={} delivery_ratio={:.4} deliveries_s={:.0} p50_us={} p99_us={} rss_per_conn_bytes={} publish_s={:.2}",
+            "RESULT connections={} deliveries={} expected={} delivery_ratio={:.4} deliveries_s={:.0} p50_us={} p99_us={} rss_per_conn_bytes={} publish_s={:.2} events_s={:.0} cpu_ns_per_delivery={}",
             self.connections_held,
             self.deliveries,
             self.expected,
@@ -76,6 +106,10 @@ impl SseReport {
                 .map(|b| b.to_string())
                 .unwrap_or_else(|| "?".into()),
             self.publish_secs,
+            self.events_per_sec,
+            self.cpu_ns_per_delivery
+                .map(|b| b.to_string())
+                .unwrap_or_else(|| "?".into()),
         )
     }
 }
@@ -85,6 +119,18 @@ fn now_nanos() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
+}
+
+/// CPU time (user + system) a process has used, in nanoseconds.
+pub fn cpu_ns(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces) in parentheses.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(ticks * 1_000_000_000 / hz)
 }
 
 /// Resident set size of a process, in bytes.
@@ -144,7 +190,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-async fn subscriber(b: Rc<SseBench>, tally: Rc<Tally>, gate: Rc<Cell<usize>>) {
+async fn subscriber(b: Rc<SseBench>, tally: Rc<Tally>, gate: Rc<Cell<usize>>, i: usize) {
     // Ramp: at most `connect_parallel` handshakes in flight.
     while gate.get() >= b.connect_parallel {
         glommio::timer::sleep(Duration::from_millis(1)).await;
@@ -161,7 +207,7 @@ async fn subscriber(b: Rc<SseBench>, tally: Rc<Tally>, gate: Rc<Cell<usize>>) {
     };
     let mut req = format!(
         "GET {} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n",
-        b.sub_path
+        b.sub_path_of(i)
     );
     if let Some(k) = &b.api_key {
         req.push_str(&format!("X-API-Key: {k}\r\n"));
@@ -254,6 +300,8 @@ fn publish_on_one_connection(
     let mut answers = conn.try_clone()?;
     answers.set_read_timeout(Some(Duration::from_secs(60)))?;
     let expected = (b.events + p - 1 - k) / p;
+    // Serial: each answer lets the next request go.
+    let (answered, next) = std::sync::mpsc::channel::<()>();
     let reader = std::thread::spawn(move || -> std::io::Result<()> {
         let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
         let mut tmp = vec![0u8; 64 * 1024];
@@ -275,6 +323,7 @@ fn publish_on_one_connection(
                 }
                 buf.drain(..p + 4 + len);
                 seen += 1;
+                let _ = answered.send(());
             }
             if seen >= expected {
                 break;
@@ -296,15 +345,22 @@ fn publish_on_one_connection(
             }
         }
         let stamp = format!("{{\"t\":{},\"n\":{}}}", now_nanos(), i);
-        let body = match b.target {
-            Target::Shardcast => format!("{{\"type\":\"bench\",\"data\":{stamp}}}"),
-            Target::Nchan => stamp,
+        let topic = match b.types {
+            0 => "bench".to_string(),
+            k => format!("t{}", i % k),
+        };
+        let (body, path) = match b.target {
+            Target::Shardcast => (
+                format!("{{\"type\":\"{topic}\",\"data\":{stamp}}}"),
+                b.pub_path.clone(),
+            ),
+            Target::Nchan if b.types == 0 => (stamp, b.pub_path.clone()),
+            Target::Nchan => (stamp, format!("{}/{topic}", b.pub_path)),
         };
         out.clear();
         out.extend_from_slice(
             format!(
-                "POST {} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-                b.pub_path,
+                "POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
                 body.len()
             )
             .as_bytes(),
@@ -315,6 +371,9 @@ fn publish_on_one_connection(
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(body.as_bytes());
         conn.write_all(&out)?;
+        if b.serial && next.recv().is_err() {
+            break; // the reader ended: its error is returned below
+        }
     }
     let last = Instant::now();
     reader
@@ -357,9 +416,9 @@ async fn drive(b: Rc<SseBench>) -> Result<SseReport, String> {
     let gate = Rc::new(Cell::new(0usize));
     let rss0 = b.server_pid.and_then(rss_bytes);
     let mut tasks = Vec::with_capacity(b.connections);
-    for _ in 0..b.connections {
+    for i in 0..b.connections {
         tasks.push(
-            glommio::spawn_local(subscriber(b.clone(), tally.clone(), gate.clone())).detach(),
+            glommio::spawn_local(subscriber(b.clone(), tally.clone(), gate.clone(), i)).detach(),
         );
     }
     // Wait for every connection to be answered (or to fail).
@@ -379,6 +438,7 @@ async fn drive(b: Rc<SseBench>) -> Result<SseReport, String> {
         _ => None,
     };
     // Publish from a plain thread (blocking I/O must stay off this executor).
+    let cpu0 = b.server_pid.and_then(cpu_ns);
     let pb = (*b).clone();
     let publisher = std::thread::spawn(move || publish(&pb));
     while !publisher.is_finished() {
@@ -388,12 +448,16 @@ async fn drive(b: Rc<SseBench>) -> Result<SseReport, String> {
         .join()
         .map_err(|_| "publisher panicked".to_string())?
         .map_err(|e| format!("publishing failed: {e}"))?;
-    let expected = (held * b.events) as u64;
+    let expected: u64 = (0..b.events).map(|n| b.followers(held, n)).sum();
     let until = Instant::now() + b.drain;
     while tally.deliveries.get() < expected && Instant::now() < until {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
     let deliveries = tally.deliveries.get();
+    let cpu = match (cpu0, b.server_pid.and_then(cpu_ns)) {
+        (Some(a), Some(c)) if deliveries > 0 => Some((c - a) / deliveries),
+        _ => None,
+    };
     let span = tally
         .last_delivery
         .get()
@@ -417,5 +481,7 @@ async fn drive(b: Rc<SseBench>) -> Result<SseReport, String> {
         p99_us: percentile(&lat, 0.99),
         rss_per_idle_conn_bytes: rss_per,
         publish_secs: last.duration_since(first).as_secs_f64(),
+        events_per_sec: b.events as f64 / last.duration_since(first).as_secs_f64().max(1e-9),
+        cpu_ns_per_delivery: cpu,
     })
 }

@@ -161,6 +161,13 @@ struct SseArgs {
     /// Publishing connections (each pipelines its share of the events).
     #[arg(long, default_value_t = 4)]
     publishers: usize,
+    /// Topics: subscriber i follows type t{i mod K}, event n has type
+    /// t{n mod K} (nchan: channels /sub/t{i mod K}); 0: everyone gets all.
+    #[arg(long, default_value_t = 0)]
+    types: usize,
+    /// One event in flight per publisher (wait for each answer).
+    #[arg(long)]
+    serial: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -364,6 +371,8 @@ fn bench_sse(a: SseArgs) -> ExitCode {
         connect_parallel: 256,
         drain: std::time::Duration::from_secs(a.drain_secs),
         publishers: a.publishers,
+        types: a.types,
+        serial: a.serial,
     };
     match shardcast::bench::run_sse(b) {
         Ok(r) => {
