@@ -216,3 +216,34 @@ fn soak_runs_in_small_mode() {
     assert!(result.ends_with(" PASS"), "{result}");
     assert!(stdout.matches("SAMPLE ").count() >= 2, "{stdout}");
 }
+
+#[test]
+fn bench_sse_many_topics_and_one_at_a_time_run_in_small_mode() {
+    for (mode, env) in [
+        (
+            "many topics",
+            vec![("TYPES", "5"), ("RATE", "500"), ("PUBLISHERS", "2")],
+        ),
+        ("one at a time", vec![("PUBLISHERS", "1"), ("SERIAL", "1")]),
+    ] {
+        let mut env = env;
+        env.extend([
+            ("SUBSCRIBERS", "50"),
+            ("EVENTS", "50"),
+            ("RUNS", "1"),
+            ("DRAIN_SECS", "20"),
+        ]);
+        let stdout = run_script(&[], "bench-sse.sh", &env);
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("MEDIAN shardcast n=50 "))
+            .unwrap_or_else(|| panic!("{mode}: no shardcast median in:\n{stdout}"));
+        let f = fields(&line.replacen("MEDIAN shardcast n=50", "MEDIAN x", 1));
+        // Every event to exactly its followers (10 per topic, or all 50).
+        assert_eq!(f["delivery_ratio"], 1.0, "{mode}: {stdout}");
+        assert!(f["events_s"] > 0.0, "{mode}: {stdout}");
+        if cfg!(all(tool_nginx, tool_nchan)) {
+            assert!(stdout.contains("RATIO n=50 "), "{mode}: {stdout}");
+        }
+    }
+}
