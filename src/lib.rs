@@ -21,8 +21,9 @@
 //!                   ▼
 //!                  shard    wakes each waiting request → 200 after commit
 //!                   │        and puts the committed events in its ring
-//!                  sse      each subscriber: cursor into the ring, one write
-//!                            per wakeup; behind the ring → SQLite (reader)
+//!                  sse      a commit wakes the subscribers it matches (index
+//!                            by type, stream, prefix); each: cursor into the
+//!                            ring, one write per wakeup; behind it → SQLite
 //! ```
 //!
 //! Beside the path, `checkpoint` copies the WAL into the database on its own
@@ -32,8 +33,9 @@
 //! long version of this map.
 //!
 //! `config` holds every setting (raw TOML → validated `Config`), `limits` the
-//! fixed ones, `server` the process lifecycle, `bench` the SSE load tool
-//! (`shardcast bench sse`).
+//! fixed ones, `server` the process lifecycle, `log` logging that cannot
+//! panic or flood; `bench` and `soak` the load tools (`shardcast bench sse`,
+//! `shardcast bench soak`), `fuzzing` the fuzz targets' oracles.
 
 pub mod accept;
 pub mod bench;

@@ -3,12 +3,14 @@
 //! After each commit the writer sends the committed events once to every
 //! shard (in the same message as that shard's answers). The shard encodes
 //! each event into its SSE frame once and keeps the newest `sse.ring_events`
-//! frames in a ring (`Fanout`). Each subscriber is a task with a cursor (the
-//! last position it was sent); when the ring moves it wakes, gathers every
-//! pending frame that passes its filters into one buffer and writes it in one
-//! write. A subscriber whose cursor is older than the ring is served from
-//! SQLite through the reader pool, a page at a time, until the ring covers
-//! it again: the cursor is a position, so the switch has no gap and no repeat.
+//! frames in a ring (`Fanout`), indexed by type and stream (`index`). Each
+//! subscriber is a task with a cursor (the last position it was sent); it
+//! waits in an index keyed by what it follows, so a commit wakes only the
+//! subscribers with a new matching event. A woken subscriber gathers its
+//! frames (found by key) into one buffer and writes it in one write. A
+//! subscriber whose cursor is older than the ring is served from SQLite
+//! through the reader pool, a page at a time, until the ring covers it
+//! again: the cursor is a position, so the switch has no gap and no repeat.
 //!
 //! Nothing here is shared with another core: `Rc`, `Cell`, `RefCell`.
 
