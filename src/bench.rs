@@ -186,6 +186,25 @@ fn scan(buf: &[u8], tally: &Tally) -> usize {
     end + 1
 }
 
+/// Take one whole HTTP answer (by `Content-Length`) off the front of
+/// `buf`: its status and body; None until it has all arrived.
+pub(crate) fn take_answer(buf: &mut Vec<u8>) -> Option<(u16, Vec<u8>)> {
+    let p = find(buf, b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&buf[..p]).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    if buf.len() < p + 4 + len {
+        return None;
+    }
+    let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = buf[p + 4..p + 4 + len].to_vec();
+    buf.drain(..p + 4 + len);
+    Some((status, body))
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
@@ -307,21 +326,14 @@ fn publish_on_one_connection(
         let mut tmp = vec![0u8; 64 * 1024];
         let mut seen = 0;
         while seen < expected {
-            // Parse every complete answer buffered.
-            while let Some(p) = find(&buf, b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..p]).to_ascii_lowercase();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(0);
-                if buf.len() < p + 4 + len {
-                    break;
+            // Take every complete answer buffered.
+            while let Some((status, body)) = take_answer(&mut buf) {
+                if !(200..300).contains(&status) {
+                    let body = String::from_utf8_lossy(&body);
+                    return Err(std::io::Error::other(format!(
+                        "publish answered {status}: {body}"
+                    )));
                 }
-                if !(head.starts_with("http/1.1 20")) {
-                    return Err(std::io::Error::other(format!("publish answered: {head}")));
-                }
-                buf.drain(..p + 4 + len);
                 seen += 1;
                 let _ = answered.send(());
             }

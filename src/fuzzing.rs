@@ -273,6 +273,11 @@ fn check_tenancy(cfg: &Config) {
 fn local_server() -> SocketAddr {
     static ADDR: OnceLock<SocketAddr> = OnceLock::new();
     *ADDR.get_or_init(|| {
+        // As the `shardcast` binary runs (Rust's runtime sets this before
+        // `main`; libFuzzer's `main` does not): a write to a peer that has
+        // gone must be an error, not SIGPIPE ending the process.
+        // SAFETY: setting a signal's disposition to ignore.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")

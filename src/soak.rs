@@ -105,19 +105,8 @@ fn request(path: &str, key: Option<&str>, body: Option<&str>) -> Vec<u8> {
 fn answer(c: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> std::io::Result<(u16, Vec<u8>)> {
     let mut tmp = [0u8; 65536];
     loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..p]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if buf.len() >= p + 4 + len {
-                let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-                let body = buf[p + 4..p + 4 + len].to_vec();
-                buf.drain(..p + 4 + len);
-                return Ok((status, body));
-            }
+        if let Some(a) = crate::bench::take_answer(buf) {
+            return Ok(a);
         }
         let n = c.read(&mut tmp)?;
         if n == 0 {

@@ -139,6 +139,18 @@ fn sigterm_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
     }
 }
 
+/// A tenants file with one tenant (`tiny`, key `tiny-secret-key-0001`)
+/// whose database fills at once: every commit after the first few fails.
+fn tiny_tenant(dir: &Path) -> String {
+    let yaml = format!(
+        "data_dir: \"{}\"\ntenants:\n  - name: tiny\n    api_key: tiny-secret-key-0001\n    max_database_bytes: 65536\n",
+        dir.join("tenants").display()
+    );
+    std::fs::create_dir_all(dir.join("tenants")).unwrap();
+    std::fs::write(dir.join("t.yaml"), yaml).unwrap();
+    dir.join("t.yaml").display().to_string()
+}
+
 /// 2. stderr on a full disk (/dev/full) and stdout a pipe whose reader has
 ///    gone: the start line, every log line (warnings at start, errors on
 ///    every commit of a full database) and the shutdown are written into the
@@ -146,21 +158,11 @@ fn sigterm_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
 #[test]
 fn a_full_or_closed_log_does_not_take_the_server_down() {
     let dir = TempDir::new("dead-logs");
-    let data = dir.path().join("tenants");
-    std::fs::create_dir_all(&data).unwrap();
-    // A tenant whose database fills at once: every commit fails and logs.
-    let yaml = format!(
-        "data_dir: \"{}\"\ntenants:\n  - name: tiny\n    api_key: tiny-secret-key-0001\n    max_database_bytes: 65536\n",
-        data.display()
-    );
-    std::fs::write(dir.path().join("t.yaml"), yaml).unwrap();
+    let tenants = tiny_tenant(dir.path());
     let port = free_port();
     let env: Vec<(String, String)> = vec![
         ("PORT".into(), port.to_string()),
-        (
-            "SHARDCAST_AUTH_TENANTS_FILE".into(),
-            dir.path().join("t.yaml").display().to_string(),
-        ),
+        ("SHARDCAST_AUTH_TENANTS_FILE".into(), tenants),
         ("RUST_LOG".into(), "debug".into()),
     ];
     let mut cmd = Server::command(dir.path(), &env);
@@ -199,14 +201,7 @@ fn a_full_or_closed_log_does_not_take_the_server_down() {
 #[test]
 fn a_failing_commit_is_logged_once_not_per_commit() {
     let dir = TempDir::new("log-throttle");
-    let data = dir.path().join("tenants");
-    std::fs::create_dir_all(&data).unwrap();
-    let yaml = format!(
-        "data_dir: \"{}\"\ntenants:\n  - name: tiny\n    api_key: tiny-secret-key-0001\n    max_database_bytes: 65536\n",
-        data.display()
-    );
-    std::fs::write(dir.path().join("t.yaml"), yaml).unwrap();
-    let f = dir.path().join("t.yaml").display().to_string();
+    let f = tiny_tenant(dir.path());
     let s = Server::start(dir.path(), &[("SHARDCAST_AUTH_TENANTS_FILE", &f)]);
     let mut c = s.conn();
     let mut refused = 0;
