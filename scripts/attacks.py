@@ -111,6 +111,7 @@ class Load:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.workers = []
+        self.round = 0  # ids stay unique across start/end cycles
 
     def _run(self, k):
         n = 0
@@ -118,7 +119,7 @@ class Load:
         while not self.stop.is_set():
             n += 1
             batch = n % 4 == 0
-            ids = [f"{self.tag}-{k}-{n}-{i}" for i in range(10 if batch else 1)]
+            ids = [f"{self.tag}-{self.round}-{k}-{n}-{i}" for i in range(10 if batch else 1)]
             evs = [{"type": "attack", "id": i, "data": {"k": k, "n": n}} for i in ids]
             body = json.dumps(evs if batch else evs[0])
             try:
@@ -139,6 +140,7 @@ class Load:
                 time.sleep(0.01)
 
     def start(self):
+        self.round += 1
         self.stop.clear()
         self.workers = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(self.threads)]
         for w in self.workers:

@@ -2,7 +2,7 @@
 # Ingestion benchmark: shardcast beside nginx `return 200`, same wrk flags, same run.
 #
 # Builds the release binary (unless SHARDCAST_BIN is given), starts shardcast on
-# a fresh data directory with durable defaults (synchronous=normal), starts
+# a fresh data directory with the durable defaults (synchronous=full), starts
 # nginx with one `return 200` location as the ceiling, and runs, RUNS times and
 # interleaved so that noise hits all of them alike:
 #
@@ -16,9 +16,10 @@
 #
 # Settings (environment):
 #   DURATION=10s  CONNECTIONS=100  THREADS=2  RUNS=3  BATCH_SIZE=100
-#   SYNC="normal"       database.synchronous of each shardcast; "normal full"
+#   SYNC="full"         database.synchronous of each shardcast; "full normal"
 #                       runs one server per mode, interleaved in the same runs
-#                       (rows single/batch for normal, single_full/batch_full …)
+#                       (rows single/batch for full, the default;
+#                       single_normal/batch_normal for normal)
 #   SHARDCAST_BIN=path  skip the build and use this binary
 #   NGINX=path          nginx binary (default: nginx on PATH); absent → said plainly, skipped
 #   KEEP_DIR=1          keep the scratch directory (data, logs) for inspection
@@ -34,7 +35,7 @@ CONNECTIONS=${CONNECTIONS:-100}
 THREADS=${THREADS:-2}
 RUNS=${RUNS:-3}
 BATCH_SIZE=${BATCH_SIZE:-100}
-SYNC=${SYNC:-normal}
+SYNC=${SYNC:-full}
 KEY=${API_KEY:-bench-key-0123456789}
 export API_KEY=$KEY BATCH_SIZE
 
@@ -68,7 +69,7 @@ for mode in $SYNC; do
   wait_port "$port" "$work/shardcast-$mode.log"
   sc_ports[$mode]=$port
 done
-suffix() { [ "$1" = normal ] && echo "" || echo "_$1"; }
+suffix() { [ "$1" = full ] && echo "" || echo "_$1"; }
 
 # --- nginx -----------------------------------------------------------------
 NGINX=${NGINX:-$(command -v nginx || true)}

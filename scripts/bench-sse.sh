@@ -99,6 +99,7 @@ error_log $dir/logs/error.log warn;
 events { worker_connections 19000; }
 http {
   access_log off;
+  keepalive_requests 1000000;
   server {
     listen 127.0.0.1:$port;
     location = /pub/bench { nchan_publisher; nchan_channel_id bench; }

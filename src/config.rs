@@ -1321,7 +1321,7 @@ mod tests {
         assert_eq!(c.server.idle_timeout, Duration::from_secs(120));
         assert_eq!(c.server.shutdown_timeout, Duration::from_secs(30));
         assert_eq!(c.api.batch_events_max, 1000);
-        assert_eq!(c.database.synchronous, Synchronous::Normal);
+        assert_eq!(c.database.synchronous, Synchronous::Full);
         assert_eq!(c.database.path, PathBuf::from("./data/events.db"));
         assert_eq!(c.index.path, PathBuf::from("./data/index"));
         assert!(c.auth.api_key.is_none());
@@ -1368,7 +1368,7 @@ mod tests {
             let v = match *key {
                 "pin_cpus" | "cors_allow_credentials" | "gzip" => "true",
                 "listen" => "127.0.0.1:1",
-                "synchronous" => "full",
+                "synchronous" => "normal",
                 "format" => "json",
                 k if k.ends_with("timeout") => "1s",
                 "path" | "api_key" | "level" => "x",
