@@ -89,7 +89,7 @@ fn every_profile_loads_has_every_key_and_fits_its_box() {
             PathBuf::from("/var/lib/shardcast/events.db"),
             "{name}: StateDirectory"
         );
-        assert_eq!(c.database.synchronous, Synchronous::Normal);
+        assert_eq!(c.database.synchronous, Synchronous::Full);
         assert_eq!(c.sse.slow_client, SlowClient::CatchUp);
         assert_eq!(c.api.batch_events_max, 1000, "{name}: ebuse's batch limit");
         // Fits LimitNOFILE=65536 in tuning/shardcast.service with the
