@@ -31,14 +31,6 @@ fn chromium() -> Option<&'static str> {
     .find(|p| std::path::Path::new(p).exists())
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Serve the page, and pass on every `/report?…` query the page sends.
 fn page_server(page: String) -> (u16, mpsc::Receiver<String>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -105,7 +97,7 @@ fn wait_for(rx: &mpsc::Receiver<String>, want: &[u64], within: Duration) -> Vec<
 )]
 fn an_eventsource_in_chromium_receives_live_events_and_resumes_after_a_restart() {
     let chrome = chromium().expect("Chromium is not installed (apt-get install chromium)");
-    let sc_port = free_port();
+    let sc_port = fixed_port();
     let page = format!(
         r#"<!doctype html><meta charset="utf-8"><title>shardcast</title><script>
 const ids = [];

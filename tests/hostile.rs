@@ -103,15 +103,6 @@ fn pipelined_requests_with_a_late_body_do_not_crash() {
     alive(&s);
 }
 
-/// A port free a moment ago (for a server whose stdout the test cannot read).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn wait_connectable(port: u16, child: &mut std::process::Child) {
     let t0 = Instant::now();
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -159,7 +150,7 @@ fn tiny_tenant(dir: &Path) -> String {
 fn a_full_or_closed_log_does_not_take_the_server_down() {
     let dir = TempDir::new("dead-logs");
     let tenants = tiny_tenant(dir.path());
-    let port = free_port();
+    let port = fixed_port();
     let env: Vec<(String, String)> = vec![
         ("PORT".into(), port.to_string()),
         ("SHARDCAST_AUTH_TENANTS_FILE".into(), tenants),

@@ -43,6 +43,25 @@ fn nanos() -> u128 {
         .as_nanos()
 }
 
+/// A free port to give a server (`PORT`) when the test must know it before
+/// the server says it (a restart on the same port, stdout unreadable).
+/// Taken below the kernel's ephemeral range: a port from `bind(:0)` could be
+/// handed again, meanwhile, to another test's server (they bind port 0) or
+/// to an outgoing connection.
+pub fn fixed_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768)
+        .max(20001);
+    let seed = (nanos() as u32) ^ std::process::id();
+    (0..5000u32)
+        .map(|i| 20000 + seed.wrapping_add(i.wrapping_mul(7919)) % (low - 20000))
+        .map(|p| p as u16)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port below the ephemeral range")
+}
+
 /// A running server process.
 pub struct Server {
     pub child: Option<Child>,
