@@ -528,23 +528,14 @@ pub async fn run(parts: ShardParts) {
             while let Ok(msg) = from_writer.recv_async().await {
                 // Into the rings first: a client that reads its 200 and then
                 // subscribes from its position finds the event here.
-                let mut published = Vec::with_capacity(msg.events.len());
                 for p in msg.events.iter() {
                     let tenant = shard.tenants.borrow().local.get(&p.tenant).cloned();
                     if let Some(t) = tenant {
                         t.fanout.publish(&p.events);
-                        published.push(t);
                     }
                 }
-                // Then the answers, then the fan-out: the executor runs woken
-                // tasks in order, so the publishers hear back before 10,000
-                // subscribers are served, and their next events join the
-                // writes of subscribers still waiting to run.
                 for (ticket, outcome) in msg.replies {
                     shard.writer.answer(ticket, outcome);
-                }
-                for t in published {
-                    t.fanout.wake();
                 }
             }
         })

@@ -308,9 +308,6 @@ pub struct Waiters {
     /// The first matching position published since each woken subscriber
     /// registered.
     woke_from: HashMap<u64, u64>,
-    /// Subscribers a publish found, to wake at `wake_found` (so the shard
-    /// can answer the publishers before the fan-out runs).
-    found: Vec<u64>,
     all: HashSet<u64>,
     exact: HashMap<Key, HashSet<u64>>,
     prefixes: HashMap<Key, HashSet<u64>>,
@@ -362,9 +359,8 @@ impl Waiters {
         self.woke_from.remove(&id)
     }
 
-    /// A frame was published: note every registered subscriber it matches
-    /// (each once until it runs), to be woken by `wake_found`. The cost
-    /// follows who is woken.
+    /// A frame was published: wake every registered subscriber it matches
+    /// (each once until it runs). The cost follows who is woken.
     pub fn publish(&mut self, f: &Frame) {
         let mut woken = std::mem::take(&mut self.all);
         for key in [
@@ -392,20 +388,11 @@ impl Waiters {
         for id in woken {
             // Taken out of one key's set; its other keys may still name it,
             // and `woke_from` keeps the earliest position.
-            if self.wakers.contains_key(&id) {
+            if let Some((w, _)) = self.wakers.get(&id) {
                 if let std::collections::hash_map::Entry::Vacant(e) = self.woke_from.entry(id) {
                     e.insert(f.position);
-                    self.found.push(id);
+                    w.wake_by_ref();
                 }
-            }
-        }
-    }
-
-    /// Wake the subscribers the publishes since the last call found.
-    pub fn wake_found(&mut self) {
-        for id in self.found.drain(..) {
-            if let Some((w, _)) = self.wakers.get(&id) {
-                w.wake_by_ref();
             }
         }
     }
@@ -572,18 +559,13 @@ mod tests {
             counts.iter().map(|c| c.0.load(Ordering::Relaxed)).collect()
         };
         w.publish(&frame(10, "b", None));
-        assert_eq!(woken(&counts), vec![0, 0, 0, 0, 0], "not before wake_found");
-        w.wake_found();
         assert_eq!(woken(&counts), vec![1, 0, 1, 0, 0]);
         w.publish(&frame(11, "c", None));
-        w.wake_found();
         assert_eq!(woken(&counts), vec![1, 0, 1, 0, 0], "once until it runs");
         assert_eq!(w.unregister(3), Some(10), "from the first match");
         w.publish(&frame(12, "x.y", Some("s1")));
-        w.wake_found();
         assert_eq!(woken(&counts), vec![1, 0, 1, 1, 1]);
         w.publish(&frame(13, "zzz", None));
-        w.wake_found();
         assert_eq!(woken(&counts), vec![1, 0, 1, 1, 1], "nobody follows zzz");
         assert_eq!(w.unregister(2), None, "a quiet type: never woken");
         assert_eq!(w.unregister(1), Some(10));

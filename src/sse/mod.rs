@@ -116,10 +116,7 @@ impl Fanout {
         self.ring.borrow().first().unwrap_or(self.last.get() + 1)
     }
 
-    /// Add a commit's events; the subscribers that want one of them are
-    /// woken by `wake`, which the shard calls after answering the commit's
-    /// requests (answers first: a publisher's next event then joins the
-    /// pending writes of subscribers that have not run yet).
+    /// Add a commit's events and wake the subscribers that want one of them.
     pub fn publish(&self, events: &[Event]) {
         if events.is_empty() {
             return;
@@ -163,11 +160,6 @@ impl Fanout {
             ring.push(frame);
             self.last.set(e.position);
         }
-    }
-
-    /// Wake the subscribers the last publishes concern.
-    pub fn wake(&self) {
-        self.waiting.borrow_mut().wake_found();
     }
 
     /// The tenant is gone (reload): end every subscription.
