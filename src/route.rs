@@ -307,6 +307,16 @@ pub fn resolve(
             "chunked request bodies are not accepted",
         )
         .closing());
+    } else if matches!(route, Route::Subscribe | Route::Stream)
+        && head.content_length.unwrap_or(0) > 0
+    {
+        // These answer with a stream, not through `handle`: a body would be
+        // left in the buffer and read as the next request.
+        return Err(ApiError::new(
+            400,
+            "unexpected_body",
+            "this endpoint takes no request body",
+        ));
     }
     Ok((route, tenant))
 }

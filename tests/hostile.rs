@@ -435,3 +435,36 @@ fn tenant_names_equal_ignoring_case_are_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("differing only in case"), "{err}");
 }
+
+/// A body on the streaming endpoints (which answer outside the handlers) is
+/// refused and skipped, never read as the next request.
+#[test]
+fn a_body_on_a_streaming_endpoint_is_not_read_as_the_next_request() {
+    let dir = TempDir::new("stream-body");
+    let s = Server::start(dir.path(), &[]);
+    for path in ["/events/stream?from=1", "/events/subscribe"] {
+        let mut c = s.conn();
+        let smuggled = build_request("DELETE", "/position", &[], b"");
+        let mut raw = build_request(
+            "GET",
+            path,
+            &[("Content-Length", &smuggled.len().to_string())],
+            b"",
+        );
+        raw.extend(&smuggled);
+        raw.extend(build_request("GET", "/health", &[], b""));
+        c.send_raw(&raw);
+        let r = c.read_response().unwrap();
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (400, "unexpected_body"),
+            "{path}"
+        );
+        let next = c.read_response().unwrap();
+        assert_eq!(
+            next.status, 200,
+            "{path}: the body was skipped, not answered as a request"
+        );
+        assert_eq!(next.json()["status"], "healthy");
+    }
+}
