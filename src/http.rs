@@ -802,7 +802,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
                 if !close {
                     let deadline = request_started + cfg.read_timeout;
                     let cors = cors.as_deref();
-                    if !read_body(&mut stream, &mut rb, &mut out, &head, deadline, cors).await {
+                    if !skip_body(&mut stream, &mut rb, &mut out, &head, deadline, cors).await {
                         return;
                     }
                 }
@@ -816,7 +816,6 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
                     let _ = flush(&mut stream, &mut out).await;
                     return;
                 }
-                rb.consume(head.head_len + body_len);
                 if rb.start == rb.end && flush(&mut stream, &mut out).await.is_err() {
                     return;
                 }
@@ -1041,20 +1040,59 @@ async fn read_body(
         match read_more(stream, rb, missing, deadline).await {
             Ok(()) => {}
             Err(ReadErr::TimedOut) => {
-                ApiError::new(
-                    408,
-                    "request_timeout",
-                    "request body did not arrive within server.read_timeout",
-                )
-                .closing()
-                .write(out, false, cors);
-                let _ = flush(stream, out).await;
+                body_timed_out(stream, out, cors).await;
                 return false;
             }
             Err(_) => return false,
         }
     }
     true
+}
+
+/// The body did not arrive in time: 408, and the connection ends.
+async fn body_timed_out(stream: &mut TcpStream, out: &mut Vec<u8>, cors: Option<&str>) {
+    ApiError::new(
+        408,
+        "request_timeout",
+        "request body did not arrive within server.read_timeout",
+    )
+    .closing()
+    .write(out, false, cors);
+    let _ = flush(stream, out).await;
+}
+
+/// Drop a refused request (head and body) from the buffer, reading the
+/// body as it arrives and keeping none of it: a client without a key can
+/// make the server read `server.max_body_bytes`, never hold it. False when
+/// the connection is done (closed, failed, or cut at `deadline` with a 408).
+async fn skip_body(
+    stream: &mut TcpStream,
+    rb: &mut ReadBuf,
+    out: &mut Vec<u8>,
+    head: &RequestHead,
+    deadline: Instant,
+    cors: Option<&str>,
+) -> bool {
+    let mut left = head.head_len + head.content_length.unwrap_or(0);
+    loop {
+        let here = left.min(rb.pending().len());
+        rb.consume(here);
+        left -= here;
+        if left == 0 {
+            return true;
+        }
+        if flush(stream, out).await.is_err() {
+            return false;
+        }
+        match read_more(stream, rb, left.min(READ_GROW_BYTES), deadline).await {
+            Ok(()) => {}
+            Err(ReadErr::TimedOut) => {
+                body_timed_out(stream, out, cors).await;
+                return false;
+            }
+            Err(_) => return false,
+        }
+    }
 }
 
 /// What a read for a body may add to the buffer before any of it arrived.

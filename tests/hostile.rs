@@ -468,3 +468,59 @@ fn a_body_on_a_streaming_endpoint_is_not_read_as_the_next_request() {
         assert_eq!(next.json()["status"], "healthy");
     }
 }
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A refused request's body is read and dropped as it arrives, never held:
+/// clients without a key cannot make the server buffer their bodies.
+#[test]
+fn refused_bodies_are_skipped_not_buffered() {
+    let dir = TempDir::new("refused-bodies");
+    let s = Server::start(dir.path(), &[("API_KEY", "the-one-key-0123456789")]);
+    let before = rss_kib(s.pid());
+    const CONNS: usize = 40;
+    const SENT: usize = 4 << 20;
+    let chunk = vec![b' '; 64 << 10];
+    let mut conns: Vec<Conn> = (0..CONNS)
+        .map(|_| {
+            let mut c = s.conn();
+            // No key: refused from the head, 8 MiB announced (under max_body_bytes).
+            c.send_raw(
+                format!(
+                    "POST /events HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    8 << 20
+                )
+                .as_bytes(),
+            );
+            c
+        })
+        .collect();
+    for c in conns.iter_mut() {
+        for _ in 0..SENT / chunk.len() {
+            c.send_raw(&chunk);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let grown = rss_kib(s.pid()).saturating_sub(before);
+    assert!(
+        grown < 40 * 1024,
+        "{CONNS} refused 4 MiB bodies grew the server by {grown} KiB"
+    );
+    // The rest of each body, then a request that is answered on the same connection.
+    for c in conns.iter_mut() {
+        for _ in 0..(8 << 20) / chunk.len() - SENT / chunk.len() {
+            c.send_raw(&chunk);
+        }
+        let r = c.read_response().unwrap();
+        assert_eq!((r.status, r.error_code().as_str()), (401, "unauthorized"));
+        let r = c.request("GET", "/health", &[], b"");
+        assert_eq!(r.status, 200);
+    }
+}
