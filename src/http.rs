@@ -802,7 +802,17 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
                 if !close {
                     let deadline = request_started + cfg.read_timeout;
                     let cors = cors.as_deref();
-                    if !skip_body(&mut stream, &mut rb, &mut out, &head, deadline, cors).await {
+                    if !receive_body(
+                        &mut stream,
+                        &mut rb,
+                        &mut out,
+                        &head,
+                        Keep::Nothing,
+                        deadline,
+                        cors,
+                    )
+                    .await
+                    {
                         return;
                     }
                 }
@@ -922,11 +932,12 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
             out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
         }
         let deadline = request_started + cfg.read_timeout;
-        if !read_body(
+        if !receive_body(
             &mut stream,
             &mut rb,
             &mut out,
             &head,
+            Keep::Body,
             deadline,
             cors.as_deref(),
         )
@@ -1020,35 +1031,6 @@ async fn flush(stream: &mut TcpStream, out: &mut Vec<u8>) -> io::Result<()> {
     r
 }
 
-/// Read until the request's whole body is buffered, writing what `out`
-/// holds first (answers to earlier requests, or `100 Continue`). False when
-/// the connection is done: closed, failed, or cut at `deadline` with a 408.
-async fn read_body(
-    stream: &mut TcpStream,
-    rb: &mut ReadBuf,
-    out: &mut Vec<u8>,
-    head: &RequestHead,
-    deadline: Instant,
-    cors: Option<&str>,
-) -> bool {
-    let need = head.head_len + head.content_length.unwrap_or(0);
-    while rb.pending().len() < need {
-        if flush(stream, out).await.is_err() {
-            return false;
-        }
-        let missing = need - rb.pending().len();
-        match read_more(stream, rb, missing, deadline).await {
-            Ok(()) => {}
-            Err(ReadErr::TimedOut) => {
-                body_timed_out(stream, out, cors).await;
-                return false;
-            }
-            Err(_) => return false,
-        }
-    }
-    true
-}
-
 /// The body did not arrive in time: 408, and the connection ends.
 async fn body_timed_out(stream: &mut TcpStream, out: &mut Vec<u8>, cors: Option<&str>) {
     ApiError::new(
@@ -1061,30 +1043,45 @@ async fn body_timed_out(stream: &mut TcpStream, out: &mut Vec<u8>, cors: Option<
     let _ = flush(stream, out).await;
 }
 
-/// Drop a refused request (head and body) from the buffer, reading the
-/// body as it arrives and keeping none of it: a client without a key can
-/// make the server read `server.max_body_bytes`, never hold it. False when
-/// the connection is done (closed, failed, or cut at `deadline` with a 408).
-async fn skip_body(
+/// What `receive_body` does with the body as it arrives.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    /// Buffer it whole, for the handler.
+    Body,
+    /// Drop it (and the head) as it arrives: a refused request. A client
+    /// without a key can make the server read `server.max_body_bytes`,
+    /// never hold it.
+    Nothing,
+}
+
+/// Read the request's body, writing what `out` holds first (answers to
+/// earlier requests, or `100 Continue`). False when the connection is done:
+/// closed, failed, or cut at `deadline` with a 408.
+async fn receive_body(
     stream: &mut TcpStream,
     rb: &mut ReadBuf,
     out: &mut Vec<u8>,
     head: &RequestHead,
+    keep: Keep,
     deadline: Instant,
     cors: Option<&str>,
 ) -> bool {
-    let mut left = head.head_len + head.content_length.unwrap_or(0);
+    let need = head.head_len + head.content_length.unwrap_or(0);
+    let mut dropped = 0;
     loop {
-        let here = left.min(rb.pending().len());
-        rb.consume(here);
-        left -= here;
-        if left == 0 {
+        if keep == Keep::Nothing {
+            let here = (need - dropped).min(rb.pending().len());
+            rb.consume(here);
+            dropped += here;
+        }
+        let missing = need - dropped - rb.pending().len().min(need - dropped);
+        if missing == 0 {
             return true;
         }
         if flush(stream, out).await.is_err() {
             return false;
         }
-        match read_more(stream, rb, left.min(READ_GROW_BYTES), deadline).await {
+        match read_more(stream, rb, missing, deadline).await {
             Ok(()) => {}
             Err(ReadErr::TimedOut) => {
                 body_timed_out(stream, out, cors).await;

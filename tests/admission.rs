@@ -129,14 +129,6 @@ fn forwarded_for_is_honoured_only_from_trusted_proxies() {
     assert!(r.text().contains("127.0.0.1"), "{}", r.text());
 }
 
-fn proc_status_kib(pid: i32, field: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
-
 /// The i-th distinct loopback address, 127.1.0.1 onwards (never 127.0.0.1).
 fn loopback(i: u32) -> Ipv4Addr {
     let host = i % 254 + 1;

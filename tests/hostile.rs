@@ -469,22 +469,13 @@ fn a_body_on_a_streaming_endpoint_is_not_read_as_the_next_request() {
     }
 }
 
-fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// A refused request's body is read and dropped as it arrives, never held:
 /// clients without a key cannot make the server buffer their bodies.
 #[test]
 fn refused_bodies_are_skipped_not_buffered() {
     let dir = TempDir::new("refused-bodies");
     let s = Server::start(dir.path(), &[("API_KEY", "the-one-key-0123456789")]);
-    let before = rss_kib(s.pid());
+    let before = proc_status_kib(s.pid(), "VmRSS:");
     const CONNS: usize = 40;
     const SENT: usize = 4 << 20;
     let chunk = vec![b' '; 64 << 10];
@@ -508,7 +499,7 @@ fn refused_bodies_are_skipped_not_buffered() {
         }
     }
     std::thread::sleep(Duration::from_millis(300));
-    let grown = rss_kib(s.pid()).saturating_sub(before);
+    let grown = proc_status_kib(s.pid(), "VmRSS:").saturating_sub(before);
     assert!(
         grown < 40 * 1024,
         "{CONNS} refused 4 MiB bodies grew the server by {grown} KiB"

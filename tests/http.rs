@@ -325,15 +325,6 @@ fn cors_headers_and_preflight_on_every_endpoint() {
     assert!(r.header("access-control-allow-origin").is_none());
 }
 
-fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// Clients that announce a large body and then stall cost the server what
 /// they sent, not what they announced: the buffer grows with arrivals.
 #[test]
@@ -343,7 +334,7 @@ fn announced_but_unsent_bodies_reserve_little_memory() {
     let s = Server::start(dir.path(), &[("READ_TIMEOUT", "30s")]);
     // Warm up allocator pools with one ordinary request.
     assert_eq!(s.post("/events", EVENT).status, 200);
-    let before = rss_kib(s.pid());
+    let before = proc_status_kib(s.pid(), "VmRSS:");
     let conns: Vec<_> = (0..300)
         .map(|_| {
             let mut c = std::net::TcpStream::connect(s.addr).unwrap();
@@ -356,7 +347,7 @@ fn announced_but_unsent_bodies_reserve_little_memory() {
         .collect();
     // Every connection has been read up to its stall.
     std::thread::sleep(Duration::from_millis(500));
-    let grown_kib = rss_kib(s.pid()).saturating_sub(before);
+    let grown_kib = proc_status_kib(s.pid(), "VmRSS:").saturating_sub(before);
     // 300 × 10 MB announced = 3 GB; at 64 KiB each it would be ~19 MiB.
     assert!(
         grown_kib < 48 * 1024,

@@ -62,6 +62,15 @@ pub fn fixed_port() -> u16 {
         .expect("a free port below the ephemeral range")
 }
 
+/// A `kB` figure from `/proc/<pid>/status` (`VmRSS:`, `RssAnon:`, …).
+pub fn proc_status_kib(pid: i32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
 /// A running server process.
 pub struct Server {
     pub child: Option<Child>,
