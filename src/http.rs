@@ -905,14 +905,18 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
                     // ends: the permit goes into its task, as an argument (an
                     // `async { fut.await; drop(permit) }` wrapper would hold
                     // the subscription's state twice: measured 1,744 bytes
-                    // instead of 864 per subscriber).
+                    // instead of 864 per subscriber). It runs in the shard's
+                    // SSE task queue, so a fan-out round never holds up the
+                    // connections' requests for longer than a poll interval.
                     let fut = crate::sse::serve(shard.clone(), tenant, stream, sub, permit);
                     tracing::trace!(
                         bytes = std::mem::size_of_val(&fut),
                         stream = std::mem::size_of::<TcpStream>(),
                         "SSE task state"
                     );
-                    glommio::spawn_local(fut).detach();
+                    if let Ok(task) = glommio::spawn_local_into(fut, shard.sse_tasks) {
+                        task.detach();
+                    }
                     return;
                 }
                 Err(e) => {

@@ -41,6 +41,9 @@ pub struct Shard {
     pub peers: Vec<flume::Sender<Control>>,
     pub writer_control: flume::Sender<crate::writer::WriterControl>,
     pub started: std::time::SystemTime,
+    /// The task queue SSE subscribers run in, beside the default one that
+    /// runs connections and the writer's answers (limits::SSE_TASK_SHARES).
+    pub sse_tasks: glommio::TaskQueueHandle,
 }
 
 /// A tenant as one shard holds it: a handle on its index and reads, and
@@ -519,6 +522,11 @@ pub async fn run(parts: ShardParts) {
         peers,
         writer_control,
         started,
+        sse_tasks: glommio::executor().create_task_queue(
+            glommio::Shares::Static(crate::limits::SSE_TASK_SHARES),
+            glommio::Latency::NotImportant,
+            "sse",
+        ),
     });
     shard.install(tenants);
 
