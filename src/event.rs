@@ -115,10 +115,7 @@ impl<'a> Fields<'a> {
                     bad("invalid_timestamp", format!("'timestamp' {ts:?} is not an RFC 3339 date-time such as 2024-01-01T12:00:00Z"))
                 })?;
                 // Go's zero time is what ebuse's client sends when the caller set none.
-                if parsed.year() == 1
-                    && parsed.ordinal() == 1
-                    && parsed.unix_timestamp() == GO_ZERO_UNIX
-                {
+                if parsed.unix_timestamp() == GO_ZERO_UNIX && parsed.nanosecond() == 0 {
                     stamp.now()
                 } else {
                     format_timestamp(parsed.to_offset(time::UtcOffset::UTC))
@@ -498,6 +495,18 @@ mod tests {
         e.timestamp.truncate(2);
         assert_eq!(e.data, br#"{"name":"x"}"#.to_vec());
         assert_eq!(e.timestamp, "20"); // replaced by now, not year 1
+    }
+
+    #[test]
+    fn only_the_exact_zero_time_is_replaced() {
+        let body = br#"{"type":"a","timestamp":"0001-01-01T00:00:00.000000001Z"}"#;
+        let e = parse_one(body, &mut stamp()).unwrap();
+        assert_eq!(e.timestamp, "0001-01-01T00:00:00.000000001Z");
+        let body = br#"{"type":"a","timestamp":"0001-01-01T00:00:01Z"}"#;
+        assert_eq!(
+            parse_one(body, &mut stamp()).unwrap().timestamp,
+            "0001-01-01T00:00:01Z"
+        );
     }
 
     #[test]

@@ -84,7 +84,8 @@ pub fn http_head(data: &[u8]) {
         }
         Parsed::Partial => assert!(data.len() <= FUZZ_HEADER_BYTES_MAX),
         Parsed::Invalid(e) => {
-            assert!(matches!(e.status, 400 | 431), "{}", e.status);
+            // 501: a transfer coding other than chunked.
+            assert!(matches!(e.status, 400 | 431 | 501), "{}", e.status);
             assert!(e.close, "a framing error must end the connection");
         }
     }
@@ -140,6 +141,50 @@ pub fn events(data: &[u8]) {
                 (&e.event_type, &e.data, &e.stream)
             );
         }
+    }
+}
+
+/// The chunked-body decoder (`http::chunked`), fed bytes whole and split at
+/// `cuts` as reads would split them: it never panics, both ways agree (the
+/// same body and the same rest, or the same refusal), the decoded body
+/// stays within its limit, and the buffer never holds more than the body
+/// decoded so far plus the read just taken.
+pub fn chunked_body(stream: &[u8], cuts: &[usize]) {
+    use crate::http::chunked::Dechunk;
+    const MAX: usize = 512;
+    let run = |cuts: &[usize]| -> Result<(Vec<u8>, Vec<u8>), u16> {
+        let mut d = Dechunk::new(MAX);
+        let mut buf = Vec::new();
+        let mut at = 0;
+        for end in cuts.iter().copied().chain([stream.len()]) {
+            let piece = &stream[at..end.max(at)];
+            at = end.max(at);
+            buf.extend_from_slice(piece);
+            let (shrank, done) = d.advance(&mut buf).map_err(|e| e.status)?;
+            assert!(shrank <= buf.len());
+            buf.truncate(buf.len() - shrank);
+            assert!(d.decoded() <= MAX, "decoded past the limit");
+            assert!(
+                buf.len() <= d.decoded() + piece.len() + 1,
+                "the buffer kept raw bytes"
+            );
+            if done {
+                let mut rest = buf.split_off(d.decoded());
+                rest.extend_from_slice(&stream[at..]);
+                return Ok((buf, rest));
+            }
+        }
+        Err(0)
+    };
+    let whole = run(&[]);
+    let split = run(cuts);
+    // An incomplete body may be refused later in one split than in the
+    // other only if one of them is still waiting for bytes (Err(0)).
+    if whole != Err(0) && split != Err(0) {
+        assert_eq!(whole, split, "split at {cuts:?}");
+    }
+    if let Ok((body, _)) = &whole {
+        assert!(body.len() <= MAX);
     }
 }
 

@@ -12,6 +12,8 @@
 //! `server.read_timeout` for a started request to arrive whole (a deadline, not
 //! per read, so a trickling client is cut off), `server.write_timeout` per write.
 
+pub mod chunked;
+
 use crate::accept::Permit;
 use crate::limits::{CONN_BUFFER_KEEP_BYTES, CONN_READ_BUFFER_BYTES, REQUEST_HEADERS_MAX};
 use crate::ratelimit::Limiter;
@@ -53,13 +55,6 @@ impl Method {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ContentType {
-    Missing,
-    Json,
-    Other,
-}
-
 /// What the router needs of a request head; ranges point into the read buffer.
 #[derive(Debug, Clone)]
 pub struct RequestHead {
@@ -71,8 +66,7 @@ pub struct RequestHead {
     pub chunked: bool,
     pub keep_alive: bool,
     pub expect_continue: bool,
-    pub content_type: ContentType,
-    /// `X-API-Key`, or the token of `Authorization: Bearer`.
+    /// `X-API-Key`, or the key in `Authorization` (`Bearer <key>` or bare).
     pub api_key: Option<Range<usize>>,
     /// `Last-Event-ID` (an SSE client resuming).
     pub last_event_id: Option<Range<usize>>,
@@ -80,8 +74,10 @@ pub struct RequestHead {
     pub origin: Option<Range<usize>>,
     /// `Accept-Encoding` allows gzip.
     pub accept_gzip: bool,
-    /// `Accept` names `application/json` (`GET /metrics` answers JSON then).
-    pub accept_json: bool,
+    /// `Accept` names `text/plain` or `application/openmetrics-text`, as
+    /// Prometheus sends: `GET /metrics` answers Prometheus text then, else
+    /// ebuse's JSON.
+    pub accept_prometheus: bool,
     /// An `X-Forwarded-For` header is present (read only from trusted proxies).
     pub forwarded_for: bool,
     /// More than one distinct credential (two `X-API-Key`s, or a key and a
@@ -396,12 +392,11 @@ pub fn parse_head(buf: &[u8], max_header_bytes: usize) -> Parsed {
         chunked: false,
         keep_alive: version == 1,
         expect_continue: false,
-        content_type: ContentType::Missing,
         api_key: None,
         last_event_id: None,
         origin: None,
         accept_gzip: false,
-        accept_json: false,
+        accept_prometheus: false,
         forwarded_for: false,
         ambiguous_credentials: false,
     };
@@ -434,7 +429,26 @@ pub fn parse_head(buf: &[u8], max_header_bytes: usize) -> Parsed {
                 (Some(a), _) => head.content_length = Some(a),
             }
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            head.chunked = true;
+            // Only `chunked` alone is understood; a request with another
+            // transfer coding (gzip, chunked) is refused (RFC 9112 §6.1: 501).
+            for coding in value
+                .split(|c| *c == b',')
+                .map(trim)
+                .filter(|c| !c.is_empty())
+            {
+                if coding.eq_ignore_ascii_case(b"chunked") && !head.chunked {
+                    head.chunked = true;
+                } else {
+                    return Parsed::Invalid(
+                        ApiError::new(
+                            501,
+                            "unsupported_transfer_coding",
+                            "only Transfer-Encoding: chunked is accepted",
+                        )
+                        .closing(),
+                    );
+                }
+            }
         } else if name.eq_ignore_ascii_case("connection") {
             for token in value.split(|c| *c == b',') {
                 let t = trim(token);
@@ -444,23 +458,17 @@ pub fn parse_head(buf: &[u8], max_header_bytes: usize) -> Parsed {
                     head.keep_alive = true;
                 }
             }
-        } else if name.eq_ignore_ascii_case("content-type") {
-            let essence = trim(value.split(|c| *c == b';').next().unwrap_or(b""));
-            head.content_type = if essence.eq_ignore_ascii_case(b"application/json")
-                || (essence.len() > 5
-                    && essence[essence.len() - 5..].eq_ignore_ascii_case(b"+json"))
-            {
-                ContentType::Json
-            } else {
-                ContentType::Other
-            };
         } else if name.eq_ignore_ascii_case("host") {
             hosts += 1;
         } else if name.eq_ignore_ascii_case("x-api-key") {
             head.credential(buf, value);
         } else if name.eq_ignore_ascii_case("authorization") {
+            // `Bearer <key>`, or the bare key as ebuse also takes it; another
+            // scheme (`Basic …`, for a proxy in front) is not a key here.
             if value.len() > 7 && value[..7].eq_ignore_ascii_case(b"bearer ") {
                 head.credential(buf, trim(&value[7..]));
+            } else if !value.is_empty() && !value.contains(&b' ') {
+                head.credential(buf, value);
             }
         } else if name.eq_ignore_ascii_case("accept-encoding") {
             head.accept_gzip = value.split(|c| *c == b',').any(|coding| {
@@ -473,9 +481,9 @@ pub fn parse_head(buf: &[u8], max_header_bytes: usize) -> Parsed {
                 (name.eq_ignore_ascii_case(b"gzip") || name == b"*") && !refused
             });
         } else if name.eq_ignore_ascii_case("accept") {
-            head.accept_json = value
-                .windows(b"application/json".len())
-                .any(|w| w.eq_ignore_ascii_case(b"application/json"));
+            let names = |t: &[u8]| value.windows(t.len()).any(|w| w.eq_ignore_ascii_case(t));
+            head.accept_prometheus |=
+                names(b"text/plain") || names(b"application/openmetrics-text");
         } else if name.eq_ignore_ascii_case("origin") {
             head.origin = Some(range_of(buf, value));
         } else if name.eq_ignore_ascii_case("last-event-id") {
@@ -932,11 +940,23 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
         }
 
         // 3. The body.
-        if head.expect_continue && body_len > 0 && rb.pending().len() < head.head_len + body_len {
+        if head.expect_continue
+            && (body_len > 0 || head.chunked)
+            && rb.pending().len() < head.head_len + body_len.max(1)
+        {
             out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
         }
         let deadline = request_started + cfg.read_timeout;
-        if !receive_body(
+        let body_len = if head.chunked {
+            let max = cfg.max_body_bytes;
+            let cors = cors.as_deref();
+            let decoded =
+                receive_chunked(&mut stream, &mut rb, &mut out, &head, max, deadline, cors);
+            match decoded.await {
+                Some(n) => n,
+                None => return,
+            }
+        } else if receive_body(
             &mut stream,
             &mut rb,
             &mut out,
@@ -947,8 +967,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
         )
         .await
         {
+            body_len
+        } else {
             return;
-        }
+        };
 
         // 4. Answer.
         let req = &rb.buf[rb.start..rb.start + head.head_len + body_len];
@@ -1045,6 +1067,49 @@ async fn body_timed_out(stream: &mut TcpStream, out: &mut Vec<u8>, cors: Option<
     .closing()
     .write(out, false, cors);
     let _ = flush(stream, out).await;
+}
+
+/// Read and decode a chunked body (`chunked`) in place: afterwards the
+/// request is head + decoded body, as if it had a Content-Length of the
+/// returned size. None when the connection is done: closed, failed, cut at
+/// `deadline` (408), or the body malformed (400) or too large (413).
+async fn receive_chunked(
+    stream: &mut TcpStream,
+    rb: &mut ReadBuf,
+    out: &mut Vec<u8>,
+    head: &RequestHead,
+    max_body_bytes: usize,
+    deadline: Instant,
+    cors: Option<&str>,
+) -> Option<usize> {
+    let mut body = chunked::Dechunk::new(max_body_bytes);
+    loop {
+        let at = rb.start + head.head_len;
+        match body.advance(&mut rb.buf[at..rb.end]) {
+            Ok((shrank, done)) => {
+                rb.end -= shrank;
+                if done {
+                    return Some(body.decoded());
+                }
+            }
+            Err(e) => {
+                e.write(out, false, cors);
+                let _ = flush(stream, out).await;
+                return None;
+            }
+        }
+        if flush(stream, out).await.is_err() {
+            return None;
+        }
+        match read_more(stream, rb, CONN_READ_BUFFER_BYTES, deadline).await {
+            Ok(()) => {}
+            Err(ReadErr::TimedOut) => {
+                body_timed_out(stream, out, cors).await;
+                return None;
+            }
+            Err(_) => return None,
+        }
+    }
 }
 
 /// What `receive_body` does with the body as it arrives.
@@ -1146,7 +1211,6 @@ mod tests {
         assert_eq!(&raw[h.path.clone()], "/events");
         assert_eq!(&raw[h.query.clone()], "x=1");
         assert_eq!(h.content_length, Some(12));
-        assert_eq!(h.content_type, ContentType::Json);
         assert_eq!(&raw[h.api_key.clone().unwrap()], "k3y");
         assert!(h.keep_alive);
         assert_eq!(h.head_len, raw.len());

@@ -29,7 +29,8 @@
 //! Beside the path, `checkpoint` copies the WAL into the database on its own
 //! thread, so no commit waits for a checkpoint's fsync; `metrics` sums the
 //! shards' and the writer's own counters when scraped; `cli` holds the
-//! operator's commands (check, backup, config). docs/architecture.md has the
+//! operator's commands (check, backup, config), `import` bringing an ebuse
+//! installation across. docs/architecture.md has the
 //! long version of this map.
 //!
 //! `config` holds every setting (raw TOML → validated `Config`), `limits` the
@@ -46,6 +47,7 @@ pub mod event;
 pub mod fuzzing;
 pub mod http;
 pub mod ids;
+pub mod import;
 pub mod index;
 pub mod limits;
 pub mod log;

@@ -45,6 +45,38 @@ enum Command {
         #[arg(long)]
         tenant: Option<String>,
     },
+    /// Bring an ebuse installation across: its events (positions, types,
+    /// data, timestamps) and consumer positions, into the configured store
+    /// (new or empty, or a prefix of the source when resuming). Stop the
+    /// server on the target first: the import locks it as the server does.
+    Import {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// ebuse's SQLite database file (read-only; both timestamp encodings).
+        #[arg(
+            long,
+            conflicts_with = "from_url",
+            required_unless_present = "from_url"
+        )]
+        from_ebuse_sqlite: Option<PathBuf>,
+        /// A running ebuse (any backend, Pebble too) or shardcast, e.g.
+        /// http://10.0.0.5:8080: copied over its HTTP API.
+        #[arg(long)]
+        from_url: Option<String>,
+        /// The source's API key (with --from-url), sent as X-API-Key.
+        #[arg(long, env = "SOURCE_API_KEY")]
+        api_key: Option<String>,
+        /// A consumer position to copy (with --from-url; ebuse cannot list
+        /// them). Repeat for each.
+        #[arg(long = "subscription")]
+        subscriptions: Vec<String>,
+        /// The tenant to import into (required in multi-tenant mode).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Events per page (one read, one transaction).
+        #[arg(long, default_value_t = shardcast::import::PAGE_EVENTS_DEFAULT)]
+        batch: usize,
+    },
     /// Print the effective configuration and where each value came from
     /// (default, file or environment variable); secrets are not shown.
     Config(ConfigArgs),
@@ -243,6 +275,65 @@ fn main() -> ExitCode {
             };
             let code = shardcast::cli::check(&cfg, tenant.as_deref(), &mut std::io::stdout());
             return ExitCode::from(code);
+        }
+        Some(Command::Import {
+            config,
+            from_ebuse_sqlite,
+            from_url,
+            api_key,
+            subscriptions,
+            tenant,
+            batch,
+        }) => {
+            let Some(cfg) = load_once(config) else {
+                return ExitCode::from(2);
+            };
+            let target = match shardcast::cli::backup_source(&cfg, tenant.as_deref()) {
+                Ok(t) => t,
+                Err(e) => {
+                    shardcast::say_err!("shardcast import: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let source = match (from_ebuse_sqlite, from_url) {
+                (Some(path), _) => shardcast::import::Source::EbuseSqlite(path),
+                (None, Some(base)) => shardcast::import::Source::Url {
+                    base,
+                    api_key,
+                    subscriptions,
+                },
+                (None, None) => unreachable!("clap requires one source"),
+            };
+            shardcast::say_err!(
+                "importing into tenant {} ({})",
+                target.name,
+                target.database.path.display()
+            );
+            use std::io::IsTerminal;
+            let tty = std::io::stderr().is_terminal();
+            return match shardcast::import::run(
+                source,
+                &target.database,
+                &target.index,
+                batch,
+                &mut std::io::stderr(),
+                tty,
+            ) {
+                Ok(r) => {
+                    shardcast::say!(
+                        "import complete: {} events imported ({} were already there), head {}, {} consumer positions; verified",
+                        r.imported,
+                        r.already,
+                        r.head,
+                        r.consumers
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    shardcast::say_err!("shardcast import: {e}");
+                    ExitCode::from(1)
+                }
+            };
         }
         Some(Command::Backup {
             config,

@@ -132,6 +132,9 @@ impl ReaderPool {
 pub struct Answer {
     pub parts: Vec<Vec<u8>>,
     pub gzipped: bool,
+    /// The page stopped at its limit before the range's end: the next page
+    /// starts here (answered as `X-Next-From`, so no client is silently short).
+    pub next_from: Option<u64>,
 }
 
 impl Answer {
@@ -139,7 +142,15 @@ impl Answer {
         Answer {
             parts: vec![body],
             gzipped,
+            next_from: None,
         }
+    }
+
+    /// Where the next page starts, if this one (`count` events, the last at
+    /// `last`) was cut by `limit` before `end`.
+    fn cut(mut self, count: usize, last: Option<u64>, limit: usize, end: u64) -> Answer {
+        self.next_from = last.filter(|l| count >= limit && *l < end).map(|l| l + 1);
+        self
     }
 
     /// Bytes `write_to` appends.
@@ -277,7 +288,7 @@ impl Readers {
                         limit,
                     )?;
                     let (body, gzipped) = gzip_if(page.json, gzip_min, level);
-                    Ok(Answer::one(body, gzipped))
+                    Ok(Answer::one(body, gzipped).cut(page.count, page.last, limit, end))
                 })
                 .await;
         }
@@ -305,12 +316,14 @@ impl Readers {
             return self
                 .range_json(from, to, None, limit)
                 .await
-                .map(|p| Answer::one(p.json, false));
+                .map(|p| Answer::one(p.json, false).cut(p.count, p.last, limit, end));
         }
         Ok(Answer {
             parts: pages.into_iter().map(|p| p.json).collect(),
             gzipped: false,
-        })
+            next_from: None,
+        }
+        .cut(n, Some(from + n as u64 - 1), limit, end))
     }
 
     /// Up to `limit` stored events from `from` on.

@@ -4,6 +4,9 @@
 //! one chunk; the next page is read only once the client has taken the last,
 //! so a slow reader slows the replay instead of filling memory.
 //!
+//! `GET /events` with `to` and no `limit` is served here too, ending at `to`
+//! (ebuse answers such a range whole, however long).
+//!
 //! The replay ends at the head as it was when the request arrived, so it
 //! terminates under continuous appends; a client continues with
 //! `from` = the last position + 1 (or subscribes over SSE).
@@ -37,7 +40,7 @@ pub async fn serve(
             return Ok(true);
         }
     };
-    let head = tenant.index.head().unwrap_or(0);
+    let head = tenant.index.head().unwrap_or(0).min(params.to);
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(
         b"HTTP/1.1 200 OK\r\nServer: shardcast\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n",
@@ -115,6 +118,8 @@ fn chunk(out: &mut Vec<u8>, data: &[u8]) {
 
 struct Params {
     from: u64,
+    /// The last position wanted (`GET /events?from=&to=`); the head otherwise.
+    to: u64,
     batch: usize,
     event_type: Option<String>,
 }
@@ -123,6 +128,10 @@ fn parse(query: &str) -> Result<Params, ApiError> {
     let q = crate::route::Query(query);
     Ok(Params {
         from: q.number("from", 0)?,
+        to: match q.get("to").as_deref() {
+            Some("-1") => u64::MAX,
+            _ => q.number("to", u64::MAX)?,
+        },
         batch: q.count("batch_size", BATCH_EVENTS_DEFAULT, BATCH_EVENTS_MAX)?,
         event_type: q.get("type"),
     })

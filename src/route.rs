@@ -4,7 +4,7 @@
 //! `WriterClient` and are answered only after their commit.
 
 use crate::event::{self, encode_event};
-use crate::http::{ApiError, Body, ContentType, Method, RequestHead, Response};
+use crate::http::{ApiError, Body, Method, RequestHead, Response};
 use crate::shard::{Caller, Shard, Submit, Tenant};
 use crate::tenant::Access;
 use crate::writer::{AppendKind, Outcome};
@@ -20,7 +20,8 @@ pub enum Route {
     Subscribe,
     /// `GET /events?from=&to=&type=&limit=`
     Load,
-    /// `GET /events/stream?from=&batch_size=&type=`: written by `replay`.
+    /// `GET /events/stream?from=&batch_size=&type=`, and `GET /events`
+    /// with `to` and no `limit` (a whole range): written by `replay`.
     Stream,
     /// `GET /streams/{stream}?from_version=&limit=`
     StreamRead,
@@ -175,6 +176,13 @@ pub fn consumer_id(path: &str) -> Option<String> {
 
 /// Decide the route and the caller's tenant, and check everything that can
 /// be checked from the head.
+/// A `GET /events` that asks for a whole range: `to` (other than ebuse's
+/// -1, "no bound") and no `limit`.
+fn whole_range(query: &[u8]) -> bool {
+    let q = Query(std::str::from_utf8(query).unwrap_or(""));
+    q.get("limit").is_none() && q.get("to").is_some_and(|t| t != "-1")
+}
+
 pub fn resolve(
     shard: &Shard,
     head: &RequestHead,
@@ -197,6 +205,9 @@ pub fn resolve(
         "/position" => get(Route::Position)?,
         "/events" => match m {
             Method::Post => Route::AppendOne,
+            // ebuse answers a range (`to`, no `limit`) whole, however long
+            // (its client's `Load(1, 15000)`): streamed, as `/events/stream`.
+            Method::Get | Method::Head if whole_range(&buf[head.query.clone()]) => Route::Stream,
             Method::Get | Method::Head => Route::Load,
             _ => return Err(method_not_allowed("GET, HEAD, POST")),
         },
@@ -275,11 +286,13 @@ pub fn resolve(
     if route.needs_body() {
         let max = shard.cfg.server.max_body_bytes;
         match head.content_length {
+            // Chunked: decoded as it arrives, limited to `max` decoded bytes.
+            None if head.chunked => {}
             None => {
                 return Err(ApiError::new(
                     411,
                     "length_required",
-                    "send the body with a Content-Length header",
+                    "send the body with a Content-Length header or chunked",
                 )
                 .closing());
             }
@@ -293,25 +306,16 @@ pub fn resolve(
             }
             Some(_) => {}
         }
-        if head.content_type == ContentType::Other {
-            return Err(ApiError::new(
-                415,
-                "unsupported_media_type",
-                "send Content-Type: application/json",
-            ));
-        }
-    } else if head.chunked {
-        return Err(ApiError::new(
-            411,
-            "length_required",
-            "chunked request bodies are not accepted",
-        )
-        .closing());
-    } else if matches!(route, Route::Subscribe | Route::Stream)
-        && head.content_length.unwrap_or(0) > 0
+        // Any Content-Type (`curl -d` sends a form type): the body must be
+        // JSON whatever it says, and is refused with 400 when it is not.
+    } else if head.chunked
+        || (matches!(route, Route::Subscribe | Route::Stream)
+            && head.content_length.unwrap_or(0) > 0)
     {
-        // These answer with a stream, not through `handle`: a body would be
-        // left in the buffer and read as the next request.
+        // A chunked body where no endpoint reads one, or any body on the
+        // streaming endpoints (they answer with a stream, not through
+        // `handle`): it would be left in the buffer and read as the next
+        // request. (The refusal closes a chunked connection.)
         return Err(ApiError::new(
             400,
             "unexpected_body",
@@ -471,7 +475,13 @@ fn not_ready(shard: &Shard, why: String) -> ApiError {
 async fn metrics(r: &Req<'_>, tenant: Option<&Tenant>) -> Result<Response, ApiError> {
     let Req { shard, head, .. } = *r;
     let q = r.query();
-    let json = q.get("format").as_deref() == Some("json") || head.accept_json;
+    // Prometheus text when the scraper asks for it; ebuse's JSON otherwise
+    // (no `Accept`, `*/*`, `application/json`), as ebuse's clients expect.
+    let json = match q.get("format").as_deref() {
+        Some("json") => true,
+        Some("prometheus") => false,
+        _ => !head.accept_prometheus,
+    };
     let mut shards = Vec::with_capacity(shard.peers.len());
     for peer in &shard.peers {
         // A shard that is draining does not answer: its counters are left out.
@@ -624,7 +634,7 @@ async fn append(r: &Req<'_>, tenant: &Tenant, route: Route) -> Result<Response, 
             e.extra_json = Some(extra);
             Err(e)
         }
-        Outcome::PositionSaved | Outcome::PositionBeyondHead { .. } => Err(ApiError::new(
+        Outcome::PositionSaved => Err(ApiError::new(
             500,
             "internal",
             "a position answer to an append",
@@ -708,7 +718,7 @@ async fn load(r: &Req<'_>, tenant: &Tenant) -> Result<Response, ApiError> {
         .page_json(
             from,
             to,
-            event_type,
+            event_type.clone(),
             limit,
             committed,
             gzip_min(shard, head),
@@ -717,7 +727,40 @@ async fn load(r: &Req<'_>, tenant: &Tenant) -> Result<Response, ApiError> {
         .await
         .map_err(|e| read_failed(shard, e))?;
     let gzipped = body.gzipped;
-    Ok(json_read(Body::Read(body), gzipped))
+    let next = body.next_from;
+    let answer = json_read(Body::Read(body), gzipped);
+    Ok(match next {
+        // Cut by `limit` (at most 10,000) before the range's end: say where
+        // the rest starts, as a header and as a `Link` a client can follow.
+        Some(n) => {
+            let mut link = format!("</events?from={n}");
+            if to != u64::MAX {
+                link.push_str(&format!("&to={to}"));
+            }
+            if let Some(t) = &event_type {
+                link.push_str("&type=");
+                link.push_str(&percent_encode(t));
+            }
+            link.push_str(&format!("&limit={limit}>; rel=\"next\""));
+            answer
+                .header("X-Next-From", n.to_string())
+                .header("Link", link)
+        }
+        None => answer,
+    })
+}
+
+/// Percent-encode a query value (everything but unreserved characters).
+fn percent_encode(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// The gzip threshold for this request: None when the client or the config
@@ -801,30 +844,35 @@ async fn consumer_set(r: &Req<'_>, tenant: &Tenant) -> Result<Response, ApiError
         raw: req,
     } = *r;
     let body = &req[head.head_len..];
-    #[derive(serde::Deserialize)]
-    struct Body {
-        position: i64,
-    }
     let id = consumer_id(path_of(head, req)).unwrap_or_default();
-    let b: Body = serde_json::from_slice(body).map_err(|e| {
+    // `{}` stores 0, as ebuse's decoder leaves a missing field zero; other
+    // fields without `position` are refused (a typo, not a reset to 0).
+    let not_json = |why: String| {
         ApiError::new(
             400,
             "invalid_json",
-            format!("body must be {{\"position\": N}}: {e}"),
+            format!("body must be {{\"position\": N}}: {why}"),
         )
-    })?;
-    if b.position < 0 {
-        return Err(invalid(
-            "position",
-            &b.position.to_string(),
-            "a position ≥ 0",
-        ));
+    };
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| not_json(e.to_string()))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| not_json("not an object".into()))?;
+    let position = match obj.get("position") {
+        None if obj.is_empty() => 0,
+        None => return Err(not_json("no \"position\" field".into())),
+        Some(p) => p
+            .as_i64()
+            .ok_or_else(|| not_json(format!("position {p} is not an integer")))?,
+    };
+    if position < 0 {
+        return Err(invalid("position", &position.to_string(), "a position ≥ 0"));
     }
     match committed(
         shard,
         shard
             .writer
-            .submit_consumer(tenant.id(), id, b.position as u64),
+            .submit_consumer(tenant.id(), id, position as u64),
     )
     .await?
     {
@@ -832,11 +880,6 @@ async fn consumer_set(r: &Req<'_>, tenant: &Tenant) -> Result<Response, ApiError
             204,
             crate::http::JSON,
             crate::http::Body::Empty,
-        )),
-        Outcome::PositionBeyondHead { head } => Err(ApiError::new(
-            400,
-            "position_beyond_head",
-            format!("position {} is beyond the newest event, {head}", b.position),
         )),
         Outcome::Failed { message, full } => Err(storage_failed(
             shard,

@@ -13,6 +13,10 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 /// Bumped when the table layout changes; stored in `PRAGMA user_version`.
 pub const SCHEMA_VERSION: i64 = 1;
 
+/// `PRAGMA application_id` of every shardcast database ("SHCS"): what tells
+/// our file from another program's before anything is written to it.
+pub const APPLICATION_ID: i32 = 0x5348_4353;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
     position       INTEGER PRIMARY KEY,  -- assigned by the writer, contiguous from 1
@@ -69,8 +73,82 @@ pub fn lock_database(cfg: &DatabaseConfig) -> std::io::Result<DbLock> {
     Ok(DbLock(f))
 }
 
+/// Refuse, before writing a byte, a file at the database path that is not a
+/// shardcast database: another program's data must stay as it is (an ebuse
+/// database opened in place once had its `user_version` rewritten before
+/// the first query failed). Accepted: no file, an empty file, a database
+/// without tables, one marked with our `application_id`, and one made by a
+/// shardcast from before that mark (our schema, `user_version` 1).
+pub fn check_not_foreign(path: &std::path::Path) -> Result<(), String> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.len() > 0 => {}
+        _ => return Ok(()),
+    }
+    let shown = path.display();
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| format!("{shown} cannot be opened read-only to check what it is: {e}"))?;
+    let read = |e: rusqlite::Error| {
+        format!("{shown} is not a database shardcast can read ({e}); nothing was written to it")
+    };
+    let app: i32 = conn
+        .query_row("PRAGMA application_id", [], |r| r.get(0))
+        .map_err(read)?;
+    if app == APPLICATION_ID {
+        return Ok(());
+    }
+    let columns = |table: &str| -> rusqlite::Result<Vec<String>> {
+        let mut st = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+        let names = st.query_map([], |r| r.get::<_, String>(1))?;
+        names.collect()
+    };
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")
+        .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
+        .map_err(read)?;
+    if app == 0 && tables.is_empty() {
+        return Ok(());
+    }
+    let events = columns("events").map_err(read)?;
+    let has = |c: &str| events.iter().any(|e| e == c);
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(read)?;
+    if app == 0 && version == 1 && has("id") && has("stream_version") && has("metadata") {
+        return Ok(());
+    }
+    if app == 0 && has("position") && has("type") && has("timestamp") && !has("id") {
+        let subs = columns("subscriptions").map_err(read)?;
+        if subs.is_empty() || subs.iter().any(|c| c == "subscription_id") {
+            return Err(format!(
+                "{shown} is an ebuse database: shardcast does not serve it in place and wrote nothing to it; \
+                 point database.path (DB_PATH) at a new file and bring the events and consumer \
+                 positions across with `shardcast import --from-ebuse-sqlite {shown}`"
+            ));
+        }
+    }
+    Err(format!(
+        "{shown} is not a shardcast database (application_id {app:#x}, tables: {}); \
+         shardcast wrote nothing to it: point database.path at a new file",
+        if tables.is_empty() {
+            "none".to_string()
+        } else {
+            tables.join(", ")
+        }
+    ))
+}
+
 /// Open (creating if needed) the database read-write and apply the pragmas.
+/// A file that is not ours is refused first, untouched (`check_not_foreign`).
 pub fn open_writer(cfg: &DatabaseConfig) -> rusqlite::Result<Connection> {
+    check_not_foreign(&cfg.path).map_err(|message| {
+        rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_NOTADB),
+            Some(message),
+        )
+    })?;
     if let Some(dir) = cfg.path.parent() {
         if !dir.as_os_str().is_empty() {
             std::fs::create_dir_all(dir).map_err(|e| {
@@ -122,7 +200,9 @@ pub fn open_writer(cfg: &DatabaseConfig) -> rusqlite::Result<Connection> {
         ));
     }
     conn.execute_batch(SCHEMA)?;
-    conn.execute_batch(&format!("PRAGMA user_version={SCHEMA_VERSION}"))?;
+    conn.execute_batch(&format!(
+        "PRAGMA user_version={SCHEMA_VERSION}; PRAGMA application_id={APPLICATION_ID};"
+    ))?;
     if let Some(bytes) = cfg.max_database_bytes {
         // SQLite answers SQLITE_FULL past this, as on a full disk: the
         // writer turns it into a 507 for that database's appends only.

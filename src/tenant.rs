@@ -68,9 +68,10 @@ pub fn digest(key: &[u8]) -> KeyDigest {
     Sha256::digest(key).into()
 }
 
-/// One key of a tenant, as written in a tenants file.
+/// One key of a tenant, as written in a tenants file. (Unknown fields: a
+/// tenants.yaml may carry ebuse's and others' freely, a warning each; a TOML
+/// config refuses them, `config::raw_from_toml`.)
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct RawKey {
     pub key: Option<String>,
     pub key_sha256: Option<String>,
@@ -80,7 +81,6 @@ pub struct RawKey {
 
 /// One tenant, as written in `tenants.yaml` or `[[tenants]]`.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct RawTenant {
     pub name: String,
     /// ebuse's field: this tenant's all-powerful key.
@@ -96,7 +96,6 @@ pub struct RawTenant {
 
 /// ebuse's `tenants.yaml`, plus shardcast's additions.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TenantsFile {
     pub data_dir: Option<String>,
     pub admin_api_key: Option<String>,
@@ -147,6 +146,19 @@ fn hex_digest(s: &str, what: &str) -> Result<KeyDigest, ConfigError> {
     Ok(out)
 }
 
+/// ebuse takes any key (its own tests use `key1`, `API_KEY=abc`): such a
+/// key starts, with a warning naming whose it is, never the key.
+fn warn_if_short(owner: &str, key: &str) {
+    if key.len() < crate::limits::API_KEY_BYTES_MIN {
+        tracing::warn!(
+            owner,
+            bytes = key.len(),
+            "API key shorter than {} bytes: easy to guess; use a long random key",
+            crate::limits::API_KEY_BYTES_MIN
+        );
+    }
+}
+
 fn one_key(
     key: Option<&str>,
     sha: Option<&str>,
@@ -154,14 +166,13 @@ fn one_key(
 ) -> Result<Option<KeyDigest>, ConfigError> {
     match (key, sha) {
         (Some(_), Some(_)) => Err(bad(what, "give the key or its sha256, not both")),
-        (Some(k), None) if k.len() < crate::limits::API_KEY_BYTES_MIN => Err(bad(
-            what,
-            format!(
-                "keys must be at least {} bytes",
-                crate::limits::API_KEY_BYTES_MIN
-            ),
-        )),
-        (Some(k), None) => Ok(Some(digest(k.as_bytes()))),
+        (Some(k), None) => {
+            warn_if_short(what, k);
+            if k.is_empty() {
+                return Err(bad(what, "an API key must not be empty"));
+            }
+            Ok(Some(digest(k.as_bytes())))
+        }
         (None, Some(h)) => Ok(Some(hex_digest(h, what)?)),
         (None, None) => Ok(None),
     }
@@ -299,9 +310,11 @@ impl Tenancy {
     fn single(cfg: &Config, admin_keys: Vec<KeyDigest>) -> Result<Tenancy, ConfigError> {
         let mut keys = Vec::new();
         if let Some(k) = &cfg.auth.api_key {
+            warn_if_short("auth.api_key (API_KEY)", k);
             keys.push((digest(k.as_bytes()), Access::ADMIN));
         }
         for k in &cfg.auth.read_api_keys {
+            warn_if_short("auth.read_api_keys", k);
             keys.push((digest(k.as_bytes()), Access::READ));
         }
         let open = cfg.auth.api_key.is_none();
@@ -328,7 +341,21 @@ impl Tenancy {
 pub fn read_tenants_file(path: &Path) -> Result<TenantsFile, ConfigError> {
     let where_ = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| bad(&where_, e.to_string()))?;
-    serde_yaml_ng::from_str(&text).map_err(|e| bad(&where_, e.to_string()))
+    let (file, ignored) = parse_tenants_yaml(&text).map_err(|e| bad(&where_, e))?;
+    for field in ignored {
+        tracing::warn!(file = %where_, %field, "field not used by shardcast; ignored");
+    }
+    Ok(file)
+}
+
+/// A tenants.yaml and the fields in it shardcast does not use (ebuse's
+/// `version:`, a tenant's `email:`…): ebuse ignores them, so must we.
+pub fn parse_tenants_yaml(text: &str) -> Result<(TenantsFile, Vec<String>), String> {
+    let mut ignored = Vec::new();
+    let de = serde_yaml_ng::Deserializer::from_str(text);
+    let file = serde_ignored::deserialize(de, |path| ignored.push(path.to_string()))
+        .map_err(|e| e.to_string())?;
+    Ok((file, ignored))
 }
 
 /// A tenant as every thread sees it. `index` is None when its storage could
@@ -480,6 +507,23 @@ mod tests {
     }
 
     #[test]
+    fn fields_ebuse_ignores_are_ignored_and_named() {
+        let yaml = "version: 2\nstore_backend: pebble\ntenants:\n - name: a\n   api_key: key1\n   email: a@example.com\n   keys: [{key: k0123456789abcdef, role: read, note: ci}]\n";
+        let (file, ignored) = parse_tenants_yaml(yaml).unwrap();
+        assert_eq!(file.tenants[0].api_key.as_deref(), Some("key1"));
+        assert_eq!(file.store_backend.as_deref(), Some("pebble"));
+        assert_eq!(
+            ignored,
+            ["version", "tenants.0.email", "tenants.0.keys.0.note"]
+        );
+        // A short key starts (with a warning).
+        assert_eq!(
+            one_key(Some("key1"), None, "t").unwrap(),
+            Some(digest(b"key1"))
+        );
+    }
+
+    #[test]
     fn bad_tenants_are_refused() {
         for (yaml, says) in [
             ("tenants: []", "no tenants"),
@@ -493,7 +537,8 @@ mod tests {
                 "tenants:\n - name: a\n   api_key: k0123456789abcdef\n   keys: [{key: k0123456789abcdeg, role: root}]",
                 "role",
             ),
-            ("tenants:\n - name: a\n   apikey: x", "unknown field"),
+            // A misspelt field is ignored (as ebuse does), so no key remains.
+            ("tenants:\n - name: a\n   apikey: x", "cannot be empty"),
             (
                 "tenants:\n - name: alice\n   api_key: k0123456789abcdef\n - name: ALICE\n   api_key: k0123456789abcdeg",
                 "differing only in case",

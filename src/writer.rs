@@ -74,10 +74,6 @@ pub enum Outcome {
     },
     /// A consumer position was saved.
     PositionSaved,
-    /// A consumer position beyond the head was refused.
-    PositionBeyondHead {
-        head: u64,
-    },
     /// Storage failed; nothing of the request was written. `full`: the
     /// disk, the database's size cap or the index map is full (507).
     Failed {
@@ -301,17 +297,12 @@ impl Store {
             for (shard, req) in requests {
                 let ticket = req.ticket;
                 if let (AppendKind::Consumer, Some((id, position))) = (req.kind, &req.consumer) {
-                    // Positions of this same group count: they commit together.
-                    let head = next - 1;
-                    let outcome = if *position > head {
-                        Outcome::PositionBeyondHead { head }
-                    } else {
-                        storage::set_consumer(&tx, id, *position)?;
-                        self.index.consumers.put(&mut w, id.as_bytes(), position)?;
-                        consumers_saved = true;
-                        Outcome::PositionSaved
-                    };
-                    replies.push((shard, ticket, outcome));
+                    // A consumer's position is its own (ebuse stores any):
+                    // one beyond the head just means it has seen everything.
+                    storage::set_consumer(&tx, id, *position)?;
+                    self.index.consumers.put(&mut w, id.as_bytes(), position)?;
+                    consumers_saved = true;
+                    replies.push((shard, ticket, Outcome::PositionSaved));
                     continue;
                 }
                 let outcome = apply(

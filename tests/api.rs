@@ -324,13 +324,21 @@ fn auth_is_required_on_every_endpoint_but_health() {
             .conn()
             .request(m, p, &[ct, ("Authorization", &bearer)], body);
         assert_eq!(r.status, 200, "{m} {p} with Authorization: Bearer");
+        // The bare key, as ebuse also reads it; another scheme is no key.
+        let r = s.conn().request(m, p, &[ct, ("Authorization", KEY)], body);
+        assert_eq!(r.status, 200, "{m} {p} with Authorization: KEY");
+        let basic = format!("Basic {KEY}");
+        let r = s
+            .conn()
+            .request(m, p, &[ct, ("Authorization", &basic)], body);
+        assert_eq!(r.status, 401, "{m} {p} with Authorization: Basic");
     }
     assert_eq!(s.get("/health").status, 200);
     assert_eq!(
         s.conn()
             .request("GET", "/position", &[("X-API-Key", KEY)], b"")
             .json()["position"],
-        4
+        6
     );
 }
 

@@ -65,12 +65,19 @@ fn request(kind: u8, k: u8) -> Vec<u8> {
             .into_iter()
             .chain(*b"abcde")
             .collect(),
-        10 => build_request(
-            "POST",
-            "/events",
-            &[("Content-Type", "text/plain")],
-            b"{\"type\":\"no\"}",
-        ),
+        // A chunked body, in chunks of three bytes with a trailer.
+        10 => {
+            let body = format!(r#"{{"type":"c","id":"fc-{k}","data":[{k}]}}"#);
+            let mut raw =
+                b"POST /events HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            for piece in body.as_bytes().chunks(3) {
+                raw.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+                raw.extend_from_slice(piece);
+                raw.extend_from_slice(b"\r\n");
+            }
+            raw.extend_from_slice(b"0\r\nX-T: 1\r\n\r\n");
+            raw
+        }
         _ => build_request(
             "POST",
             "/events",

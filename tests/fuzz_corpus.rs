@@ -56,3 +56,11 @@ fn server_stream() {
         shardcast::fuzzing::server_stream(stream, &cuts);
     });
 }
+
+#[test]
+fn chunked_body() {
+    replay("chunked_body", |data| {
+        let (cuts, stream) = shardcast::fuzzing::split_input(data);
+        shardcast::fuzzing::chunked_body(stream, &cuts);
+    });
+}

@@ -152,10 +152,16 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// What Prometheus sends as `Accept` when it scrapes.
+const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
 fn scrape(s: &Server) -> Vec<Sample> {
-    let r = s
-        .conn()
-        .request("GET", "/metrics", &[("X-API-Key", KEY)], b"");
+    let r = s.conn().request(
+        "GET",
+        "/metrics",
+        &[("X-API-Key", KEY), ("Accept", PROMETHEUS_ACCEPT)],
+        b"",
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r
         .header("Content-Type")
@@ -255,7 +261,29 @@ fn metrics_parse_as_prometheus_and_move_with_traffic() {
     assert!(value(&after, "shardcast_process_open_fds", &[]) > 5.0);
     assert!(value(&after, "shardcast_process_resident_memory_bytes", &[]) > 1e6);
 
-    // ebuse's JSON, by Accept or ?format=json.
+    // ebuse's JSON unless the scraper asks for text: no Accept (ebuse's
+    // documented call), `*/*` (curl), application/json, or ?format=json.
+    for accept in [None, Some("*/*"), Some("application/json")] {
+        let mut headers = vec![("X-API-Key", KEY)];
+        headers.extend(accept.map(|a| ("Accept", a)));
+        let r = s.conn().request("GET", "/metrics", &headers, b"");
+        assert_eq!(
+            r.header("Content-Type"),
+            Some("application/json"),
+            "{accept:?}"
+        );
+        assert_eq!(r.json()["total_events"], 50, "{accept:?}");
+    }
+    let text = s
+        .conn()
+        .request(
+            "GET",
+            "/metrics?format=prometheus",
+            &[("X-API-Key", KEY)],
+            b"",
+        )
+        .text();
+    assert!(text.contains("# TYPE"), "{text}");
     let j = s
         .conn()
         .request(
@@ -311,7 +339,10 @@ fn metrics_of_a_tenant_are_its_own() {
         .request(
             "GET",
             "/metrics",
-            &[("X-API-Key", "ops-alice-key-0123")],
+            &[
+                ("X-API-Key", "ops-alice-key-0123"),
+                ("Accept", PROMETHEUS_ACCEPT),
+            ],
             b"",
         )
         .text();
@@ -326,7 +357,10 @@ fn metrics_of_a_tenant_are_its_own() {
         .request(
             "GET",
             "/metrics",
-            &[("X-API-Key", "ops-admin-key-0123")],
+            &[
+                ("X-API-Key", "ops-admin-key-0123"),
+                ("Accept", "text/plain"),
+            ],
             b"",
         )
         .text();

@@ -159,17 +159,36 @@ fn consumer_positions_as_ebuse_client_saves_and_loads_them() {
             json!({"position": p})
         );
     }
-    // Beyond the head: 400, nothing stored.
-    let r = s.conn().request(
-        "POST",
-        "/subscriptions/projector-1/position",
-        &[("Content-Type", "application/json"), ("X-API-Key", KEY)],
-        br#"{"position":11}"#,
-    );
+    // A consumer's position is its own: beyond the head is stored (as ebuse
+    // does), negative is refused, and `{}` stores 0.
+    let set_pos = |id: &str, body: &[u8]| {
+        s.conn().request(
+            "POST",
+            &format!("/subscriptions/{id}/position"),
+            &[("Content-Type", "application/json"), ("X-API-Key", KEY)],
+            body,
+        )
+    };
+    let get_pos = |id: &str| {
+        s.conn()
+            .request(
+                "GET",
+                &format!("/subscriptions/{id}/position"),
+                &[("X-API-Key", KEY)],
+                b"",
+            )
+            .json()
+    };
+    assert_eq!(set_pos("ahead", br#"{"position":10000}"#).status, 204);
+    assert_eq!(get_pos("ahead"), serde_json::json!({"position": 10000}));
+    let r = set_pos("ahead", br#"{"position":-5}"#);
     assert_eq!(
         (r.status, r.error_code().as_str()),
-        (400, "position_beyond_head")
+        (400, "invalid_parameter")
     );
+    assert_eq!(get_pos("ahead"), serde_json::json!({"position": 10000}));
+    assert_eq!(set_pos("ahead", b"{}").status, 204);
+    assert_eq!(get_pos("ahead"), serde_json::json!({"position": 0}));
     let r = s.conn().request(
         "POST",
         "/subscriptions/projector-1/position",

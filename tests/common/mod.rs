@@ -379,6 +379,42 @@ impl Conn {
                     self.buf.drain(..n);
                     continue;
                 }
+                let chunked = headers.iter().any(|(k, v)| {
+                    k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+                });
+                if chunked {
+                    // A streamed answer (a replay, a whole range): de-chunked
+                    // as any client would. (Not for answers to HEAD.)
+                    self.buf.drain(..n);
+                    let mut body = Vec::new();
+                    loop {
+                        let line_end = loop {
+                            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                                break i;
+                            }
+                            if !self.fill() {
+                                return None;
+                            }
+                        };
+                        let size_text = String::from_utf8_lossy(&self.buf[..line_end]).into_owned();
+                        let size =
+                            usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+                        while self.buf.len() < line_end + 2 + size + 2 {
+                            if !self.fill() {
+                                return None;
+                            }
+                        }
+                        body.extend_from_slice(&self.buf[line_end + 2..line_end + 2 + size]);
+                        self.buf.drain(..line_end + 2 + size + 2);
+                        if size == 0 {
+                            return Some(Response {
+                                status,
+                                headers,
+                                body,
+                            });
+                        }
+                    }
+                }
                 let len: usize = headers
                     .iter()
                     .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
