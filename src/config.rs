@@ -100,6 +100,9 @@ impl RateLimitConfig {
 pub struct StorageConfig {
     /// Keep the newest this many events; older ones are pruned (0: forever).
     pub retain_events: u64,
+    /// Keep events younger than this (by their timestamp); older ones are
+    /// pruned from the oldest on (None: forever).
+    pub retain_age: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -266,6 +269,7 @@ pub struct RawRateLimit {
 #[serde(deny_unknown_fields)]
 pub struct RawStorage {
     pub retain_events: Option<i64>,
+    pub retain_age: Option<String>,
     pub max_database_bytes: Option<i64>,
 }
 
@@ -490,6 +494,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("sse", "retry_ms"),
     ("sse", "catch_up_batch_events"),
     ("storage", "retain_events"),
+    ("storage", "retain_age"),
     ("storage", "max_database_bytes"),
     ("rate_limit", "per_second"),
     ("rate_limit", "burst"),
@@ -523,7 +528,7 @@ fn set_raw(raw: &mut RawConfig, section: &str, key: &str, v: String) -> Result<(
             _ => Err(err(&name, format!("'{v}' is not a boolean"))),
         }
     };
-    if key.ends_with("timeout") || key.ends_with("interval") {
+    if key.ends_with("timeout") || key.ends_with("interval") || key == "retain_age" {
         parse_duration(&v).map_err(|m| err(&name, m))?;
     }
     match (section, key) {
@@ -601,6 +606,7 @@ fn set_raw(raw: &mut RawConfig, section: &str, key: &str, v: String) -> Result<(
         ("sse", "retry_ms") => raw.sse.retry_ms = Some(int(&v)?),
         ("sse", "catch_up_batch_events") => raw.sse.catch_up_batch_events = Some(int(&v)?),
         ("storage", "retain_events") => raw.storage.retain_events = Some(int(&v)?),
+        ("storage", "retain_age") => raw.storage.retain_age = Some(v),
         ("rate_limit", "per_second") => {
             raw.rate_limit.per_second = Some(
                 v.trim()
@@ -1071,6 +1077,8 @@ impl Config {
                 0,
                 i64::MAX,
             )? as u64,
+            retain_age: Some(dur(raw.storage.retain_age, "storage.retain_age")?)
+                .filter(|d| !d.is_zero()),
         };
         let e = raw.sse;
         let sse = SseConfig {
@@ -1259,6 +1267,7 @@ impl RawConfig {
             out.storage,
             other.storage,
             retain_events,
+            retain_age,
             max_database_bytes
         );
         pick!(

@@ -20,7 +20,13 @@ pub const INDEX_REBUILD_ROWS_PER_TXN: usize = 100_000;
 /// Most old events one group commit deletes under `storage.retain_events`:
 /// pruning rides along with commits in bounded slices instead of stalling one.
 pub const PRUNE_ROWS_PER_COMMIT: u64 = 1000;
-/// Shortest API key accepted (any kind: tenant, read-only, admin).
+/// How often an idle writer prunes stores under `storage.retain_age` (with
+/// appends, pruning rides along with each commit instead).
+pub const RETAIN_AGE_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// Most slices (of `PRUNE_ROWS_PER_COMMIT`) one idle sweep prunes, each its
+/// own transaction: a backlog drains in steps without holding the writer.
+pub const RETAIN_AGE_SWEEP_SLICES_MAX: usize = 100;
+/// Keys shorter than this start with a warning (ebuse takes any key).
 pub const API_KEY_BYTES_MIN: usize = 8;
 /// Readiness fails when the database's disk has less free than this.
 pub const READY_DISK_FREE_BYTES_MIN: u64 = 64 * 1024 * 1024;

@@ -131,8 +131,8 @@ pub struct Store {
     /// Nudges the checkpoint thread as the WAL grows.
     wal: WalWatch,
     checkpointer: Option<Checkpointer>,
-    /// `storage.retain_events` (0: keep everything).
-    retain_events: u64,
+    /// `storage.retain_events` and `storage.retain_age`.
+    retention: Retention,
     /// Lowest stored position: where pruning continues.
     low: u64,
     _lock: storage::DbLock,
@@ -188,7 +188,10 @@ impl Store {
                 index_behind: false,
                 wal,
                 checkpointer: Some(checkpointer),
-                retain_events: cfg.storage.retain_events,
+                retention: Retention {
+                    events: cfg.storage.retain_events,
+                    age: cfg.storage.retain_age,
+                },
                 low,
                 _lock: lock,
                 events_appended: 0,
@@ -204,6 +207,35 @@ impl Store {
 
     /// Close the connection, then stop the checkpoint thread (whose
     /// connection, now the last, checkpoints what is left as it closes).
+    /// Prune by age with no append to ride on (an idle store): slices of
+    /// `PRUNE_ROWS_PER_COMMIT`, each its own short transaction, until
+    /// nothing more is due or `slices_max` were taken.
+    fn prune_idle(&mut self, slices_max: usize) -> Result<u64, StorageError> {
+        let mut pruned = 0;
+        for _ in 0..slices_max {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut w = self.index.env.write_txn()?;
+            let low = prune(
+                &self.index,
+                &self.retention,
+                self.low,
+                &tx,
+                &mut w,
+                self.head,
+            )?;
+            if low == self.low {
+                return Ok(pruned);
+            }
+            tx.commit()?;
+            w.commit()?;
+            pruned += low - self.low;
+            self.low = low;
+        }
+        Ok(pruned)
+    }
+
     fn close(mut self) {
         let checkpointer = self.checkpointer.take();
         drop(self);
@@ -328,7 +360,7 @@ impl Store {
         self.index.set_head(&mut w, next - 1)?;
         let low = prune(
             &self.index,
-            self.retain_events,
+            &self.retention,
             self.low,
             &tx,
             &mut w,
@@ -565,6 +597,26 @@ impl Writer {
         }
     }
 
+    /// Age-based retention on stores with nothing to commit.
+    fn prune_idle_stores(&mut self) {
+        for store in self.stores.values_mut() {
+            if store.retention.age.is_none() {
+                continue;
+            }
+            match store.prune_idle(crate::limits::RETAIN_AGE_SWEEP_SLICES_MAX) {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::debug!(tenant = %store.name, events = n, low = store.low, "pruned by age")
+                }
+                Err(e) => {
+                    if let Some(n) = store.failure_log.occur(std::time::Instant::now()) {
+                        tracing::warn!(tenant = %store.name, error = %e.message, failures_not_logged = n, "pruning by age failed; retried at the next sweep");
+                    }
+                }
+            }
+        }
+    }
+
     /// Block for the first message (serving tenant changes meanwhile), then
     /// take whatever else is queued without waiting, up to
     /// `batch_events_max` events. None when all shards are gone.
@@ -572,14 +624,22 @@ impl Writer {
         let first = match self.carry.take() {
             Some(m) => m,
             None => loop {
-                let next = match &self.control {
-                    Some(control) => flume::Selector::new()
-                        .recv(&self.rx, |m| m.map(Next::Requests).unwrap_or(Next::Stopped))
-                        .recv(control, |c| {
-                            c.map(Next::Control).unwrap_or(Next::ControlGone)
-                        })
-                        .wait(),
-                    None => self.rx.recv().map(Next::Requests).unwrap_or(Next::Stopped),
+                // With age-based retention, an idle writer still wakes to prune.
+                let sweep = self
+                    .stores
+                    .values()
+                    .any(|s| s.retention.age.is_some())
+                    .then_some(crate::limits::RETAIN_AGE_SWEEP_INTERVAL);
+                let mut select = flume::Selector::new()
+                    .recv(&self.rx, |m| m.map(Next::Requests).unwrap_or(Next::Stopped));
+                if let Some(control) = &self.control {
+                    select = select.recv(control, |c| {
+                        c.map(Next::Control).unwrap_or(Next::ControlGone)
+                    });
+                }
+                let next = match sweep {
+                    Some(every) => select.wait_timeout(every).unwrap_or(Next::Idle),
+                    None => select.wait(),
                 };
                 match next {
                     Next::Requests(m) => break m,
@@ -587,6 +647,7 @@ impl Writer {
                     Next::Control(c) => self.on_control(c),
                     // The process side hung up: requests only from now on.
                     Next::ControlGone => self.control = None,
+                    Next::Idle => self.prune_idle_stores(),
                 }
             },
         };
@@ -676,30 +737,67 @@ impl Writer {
 enum Next {
     Requests(ToWriter),
     Control(WriterControl),
+    /// Nothing came within the retention sweep interval.
+    Idle,
     /// Every shard hung up.
     Stopped,
     ControlGone,
 }
 
-/// Inside the commit's transaction: delete the next slice of events older
-/// than the newest `retain_events`, and their ids from the index. Returns
-/// the lowest position left.
+/// What a store keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// The newest this many events (0: all).
+    pub events: u64,
+    /// Events whose timestamp is younger than this (None: all).
+    pub age: Option<Duration>,
+}
+
+/// Inside the commit's transaction: delete the next slice (at most
+/// `PRUNE_ROWS_PER_COMMIT`) of events that `retention` no longer keeps, and
+/// their ids and stream entries from the index. Returns the lowest position
+/// left. Pruning only ever removes the oldest events, so positions stay
+/// contiguous: by age, it stops at the first event young enough, even if a
+/// later one carries an older timestamp. The newest event is always kept:
+/// it holds the head, from which the next position is counted.
 fn prune(
     index: &Index,
-    retain_events: u64,
+    retention: &Retention,
     low: u64,
     tx: &Connection,
     w: &mut heed::RwTxn<'_>,
     newest: u64,
 ) -> Result<u64, StorageError> {
-    if retain_events == 0 || newest <= retain_events {
+    if newest < low + 1 {
         return Ok(low);
     }
-    let cutoff = newest - retain_events;
-    if low > cutoff {
+    let slice_end = (low + crate::limits::PRUNE_ROWS_PER_COMMIT - 1).min(newest - 1);
+    let mut upto = 0;
+    if retention.events > 0 && newest > retention.events {
+        upto = (newest - retention.events).min(slice_end);
+    }
+    if let Some(age) = retention.age {
+        let cutoff = crate::event::format_timestamp(time::OffsetDateTime::now_utc() - age);
+        // The first event of the slice young enough to keep; all before it go.
+        let young: Option<i64> = tx
+            .prepare_cached(
+                "SELECT MIN(position) FROM events WHERE position BETWEEN ?1 AND ?2 \
+                 AND julianday(timestamp) >= julianday(?3)",
+            )?
+            .query_row(
+                rusqlite::params![low as i64, slice_end as i64, cutoff],
+                |r| r.get(0),
+            )?;
+        let by_age = match young {
+            Some(p) => (p as u64).saturating_sub(1),
+            None => slice_end,
+        };
+        upto = upto.max(by_age);
+    }
+    if upto < low {
         return Ok(low);
     }
-    let upto = cutoff.min(low + crate::limits::PRUNE_ROWS_PER_COMMIT - 1);
+    debug_assert!(upto < newest, "pruning would remove the head");
     let mut del = tx.prepare_cached(
         "DELETE FROM events WHERE position BETWEEN ?1 AND ?2 RETURNING id, stream, stream_version",
     )?;

@@ -461,3 +461,56 @@ fn ebuse_clients_requests_get_ebuse_answers() {
     let r = t.conn().post_json("/events", "key1", &json!({"type":"x"}));
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+/// Enzyme's `sse.event_retention`: events older than `storage.retain_age` go,
+/// oldest first, riding on commits and, on an idle store, on a sweep.
+#[test]
+fn retention_by_age_prunes_the_oldest_events_and_keeps_the_head() {
+    let dir = TempDir::new("retain-age");
+    let s = Server::start(dir.path(), &[("SHARDCAST_STORAGE_RETAIN_AGE", "3s")]);
+    let at = |ts: &str| json!({"type":"t","timestamp":ts});
+    let mut c = s.conn();
+    // Five from long ago, one fresh, then one from long ago again.
+    let old: Vec<Value> = (0..5)
+        .map(|_| at("2020-01-01T00:00:00.123456789Z"))
+        .collect();
+    assert_eq!(
+        c.post_json("/events/batch", "", &Value::Array(old)).status,
+        200
+    );
+    assert_eq!(
+        c.post_json("/events", "", &json!({"type":"fresh"})).status,
+        200
+    );
+    assert_eq!(
+        c.post_json("/events", "", &at("2020-01-02T00:00:00Z"))
+            .status,
+        200
+    );
+    // That commit pruned the five at the bottom; the old one above a fresh
+    // one stays (positions stay contiguous).
+    let positions = |s: &Server| -> Vec<u64> {
+        s.get("/events?from=1")
+            .json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["position"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(positions(&s), vec![6, 7]);
+    // Idle: the sweep prunes what aged, but never the newest event (the head).
+    std::thread::sleep(Duration::from_secs(9));
+    assert_eq!(positions(&s), vec![7]);
+    assert_eq!(s.get("/position").json()["position"], 7);
+    // The next append takes the next position; its commit prunes 7, old and
+    // no longer the head.
+    let r = c.post_json("/events", "", &json!({"type":"next"}));
+    assert_eq!(r.json()["position"], 8);
+    assert_eq!(positions(&s), vec![8]);
+    // A subscriber from before what is kept is told so, then gets the rest.
+    let mut sse = SseClient::open(s.addr, "/events/subscribe?from=1", &[]);
+    let reset = sse.next().unwrap();
+    assert_eq!(reset.event.as_deref(), Some("reset"), "{reset:?}");
+    assert_eq!(sse.next().unwrap().id.as_deref(), Some("8"));
+}
