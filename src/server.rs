@@ -183,7 +183,6 @@ pub fn run(cfg: Config, reload: LoadConfig) -> Result<(), StartError> {
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{id}"))
             .io_memory(cfg.server.io_memory_bytes)
-            .preempt_timer(crate::limits::SHARD_POLL_INTERVAL)
             .blocking_thread_pool_placement(PoolPlacement::Unbound(1))
             .spawn(move || crate::shard::run(parts))
             .map_err(|e| start_err(&format!("cannot start shard {id}"), e))?;

@@ -524,7 +524,7 @@ pub async fn run(parts: ShardParts) {
         started,
         sse_tasks: glommio::executor().create_task_queue(
             glommio::Shares::Static(crate::limits::SSE_TASK_SHARES),
-            glommio::Latency::NotImportant,
+            glommio::Latency::Matters(crate::limits::SSE_POLL_INTERVAL),
             "sse",
         ),
     });

@@ -243,13 +243,30 @@ fn an_import_resumes_after_kill_9_and_refuses_a_target_it_did_not_make() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
-    let _ = child.kill();
+    let count = |db: &Path| -> u64 {
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .and_then(|c| c.query_row("SELECT COUNT(*) FROM events", [], |r| r.get::<_, i64>(0)))
+            .map_or(0, |n| n as u64)
+    };
+    let mut waited = 0;
+    while count(&target) < 100 && waited < 600 {
+        std::thread::sleep(Duration::from_millis(50));
+        waited += 1;
+    }
+    child.kill().unwrap(); // SIGKILL, mid-import
     let _ = child.wait();
+    let before = count(&target);
+    assert!((100..30_000).contains(&before), "killed at {before}");
     let out = import(&target, &["--from-ebuse-sqlite", source.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
     let said = text(&out);
-    assert!(said.contains("head 30000"), "{said}");
+    assert!(
+        said.contains(&format!(
+            "{} events imported ({before} were already there), head 30000",
+            30_000 - before
+        )),
+        "{said}"
+    );
 
     // The source grew: a second run takes only the new events.
     {
