@@ -1098,16 +1098,8 @@ async fn receive_chunked(
                 return None;
             }
         }
-        if flush(stream, out).await.is_err() {
+        if !more_of_body(stream, rb, out, CONN_READ_BUFFER_BYTES, deadline, cors).await {
             return None;
-        }
-        match read_more(stream, rb, CONN_READ_BUFFER_BYTES, deadline).await {
-            Ok(()) => {}
-            Err(ReadErr::TimedOut) => {
-                body_timed_out(stream, out, cors).await;
-                return None;
-            }
-            Err(_) => return None,
         }
     }
 }
@@ -1147,17 +1139,32 @@ async fn receive_body(
         if missing == 0 {
             return true;
         }
-        if flush(stream, out).await.is_err() {
+        if !more_of_body(stream, rb, out, missing, deadline, cors).await {
             return false;
         }
-        match read_more(stream, rb, missing, deadline).await {
-            Ok(()) => {}
-            Err(ReadErr::TimedOut) => {
-                body_timed_out(stream, out, cors).await;
-                return false;
-            }
-            Err(_) => return false,
+    }
+}
+
+/// Write what `out` holds, then read more of a body. False when the
+/// connection is done: closed, failed, or cut at `deadline` with a 408.
+async fn more_of_body(
+    stream: &mut TcpStream,
+    rb: &mut ReadBuf,
+    out: &mut Vec<u8>,
+    want: usize,
+    deadline: Instant,
+    cors: Option<&str>,
+) -> bool {
+    if flush(stream, out).await.is_err() {
+        return false;
+    }
+    match read_more(stream, rb, want, deadline).await {
+        Ok(()) => true,
+        Err(ReadErr::TimedOut) => {
+            body_timed_out(stream, out, cors).await;
+            false
         }
+        Err(_) => false,
     }
 }
 

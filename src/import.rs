@@ -351,23 +351,14 @@ impl Reader for Http {
     fn consumers(&mut self) -> Result<Vec<(String, i64)>, String> {
         let mut out = Vec::new();
         for id in &self.subscriptions {
-            let path = format!("/subscriptions/{}/position", percent_encode(id));
+            let path = format!(
+                "/subscriptions/{}/position",
+                crate::route::percent_encode(id)
+            );
             out.push((id.clone(), self.position(&path)?));
         }
         Ok(out)
     }
-}
-
-fn percent_encode(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
-    for b in v.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------

@@ -750,8 +750,9 @@ async fn load(r: &Req<'_>, tenant: &Tenant) -> Result<Response, ApiError> {
     })
 }
 
-/// Percent-encode a query value (everything but unreserved characters).
-fn percent_encode(v: &str) -> String {
+/// Percent-encode a query value or path segment (everything but RFC 3986's
+/// unreserved characters).
+pub fn percent_encode(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
     for b in v.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
