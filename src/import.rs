@@ -550,7 +550,9 @@ pub fn run(
         tty,
         total,
         started: Instant::now(),
-        last_drawn: Instant::now() - PROGRESS_INTERVAL,
+        last_drawn: Instant::now()
+            .checked_sub(PROGRESS_INTERVAL)
+            .unwrap_or_else(Instant::now),
         last_tenth: 0,
     };
     let mut imported = 0u64;
