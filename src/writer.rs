@@ -229,9 +229,15 @@ impl Store {
                 return Ok(pruned);
             }
             tx.commit()?;
-            w.commit()?;
             pruned += low - self.low;
             self.low = low;
+            // As after a commit: SQLite is the truth, the index follows it.
+            if let Err(e) = w.commit() {
+                tracing::error!(tenant = %self.name, error = %e, "index commit failed after pruning; re-indexing from SQLite");
+                self.index_behind = true;
+                self.resync_index();
+                return Ok(pruned);
+            }
         }
         Ok(pruned)
     }
