@@ -93,22 +93,33 @@ fn read_range(c: &mut Criterion) {
     let db = build();
     let from = 20_001;
     for &n in PAGES {
-        let body = storage::events_range_json(&db.conn, from, u64::MAX, None, n)
+        let body = storage::events_range_json(&db.conn, from, u64::MAX, None, n, None)
             .unwrap()
             .json;
         check(&body, n, from, 1);
     }
-    let body = storage::events_range_json(&db.conn, from, u64::MAX, Some("order.placed"), 10_000)
+    let body =
+        storage::events_range_json(&db.conn, from, u64::MAX, Some("order.placed"), 10_000, None)
+            .unwrap()
+            .json;
+    check(&body, 10_000, from + 1, 2);
+    // A token's scope of that one type: the same page, filtered per row in Rust.
+    let scope = shardcast::filter::Filter {
+        types: vec![shardcast::filter::Pattern::Exact("order.placed".into())],
+        streams: Vec::new(),
+    };
+    let scoped = storage::events_range_json(&db.conn, from, u64::MAX, None, 10_000, Some(&scope))
         .unwrap()
         .json;
-    check(&body, 10_000, from + 1, 2);
+    assert_eq!(scoped, body, "a scope of one type reads what type= reads");
 
     let mut g = c.benchmark_group("range");
     for &n in PAGES {
         g.throughput(Throughput::Elements(n as u64));
         g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
             b.iter(|| {
-                storage::events_range_json(&db.conn, black_box(from), u64::MAX, None, n).unwrap()
+                storage::events_range_json(&db.conn, black_box(from), u64::MAX, None, n, None)
+                    .unwrap()
             })
         });
     }
@@ -123,6 +134,20 @@ fn read_range(c: &mut Criterion) {
                 u64::MAX,
                 Some("order.placed"),
                 10_000,
+                None,
+            )
+            .unwrap()
+        })
+    });
+    g.bench_function("10000_scoped", |b| {
+        b.iter(|| {
+            storage::events_range_json(
+                &db.conn,
+                black_box(from),
+                u64::MAX,
+                None,
+                10_000,
+                Some(&scope),
             )
             .unwrap()
         })

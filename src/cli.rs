@@ -281,3 +281,55 @@ pub fn print_config(
     );
     Ok(())
 }
+
+/// What `shardcast token` puts in a token and signs it with.
+pub struct TokenArgs {
+    pub mint: crate::token::Mint,
+    /// A private key PEM file (RS256/ES256/EdDSA); else the configured secret.
+    pub private_key: Option<std::path::PathBuf>,
+}
+
+/// `shardcast token`: a subscription token signed with the configured
+/// secret (`auth.token_secret`, or the tenant's `token_secret` in
+/// multi-tenant mode, which also names the tenant in the token), for tests
+/// and scripts. An app's backend mints its own with any JWT library.
+pub fn token(cfg: &Config, mut args: TokenArgs) -> Result<String, String> {
+    let multi = cfg.auth.tenants_file.is_some() || !cfg.tenants.is_empty();
+    let secret = if multi {
+        let name = args
+            .mint
+            .tenant
+            .clone()
+            .ok_or("multi-tenant mode: name the tenant the token is for with --tenant")?;
+        let raw = match &cfg.auth.tenants_file {
+            Some(path) => {
+                crate::tenant::read_tenants_file(path)
+                    .map_err(|e| e.to_string())?
+                    .tenants
+            }
+            None => cfg.tenants.clone(),
+        };
+        raw.into_iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| format!("no tenant named {name}"))?
+            .token_secret
+    } else {
+        args.mint.tenant = None;
+        cfg.auth.token_secret.clone()
+    };
+    let pem = match &args.private_key {
+        Some(p) => Some(std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?),
+        None => None,
+    };
+    let (key, alg) = crate::token::signing_key(secret.as_deref(), pem.as_deref())?;
+    if args.mint.sub.is_empty() {
+        return Err("--sub must name the user".into());
+    }
+    if args.mint.types.is_empty() && args.mint.streams.is_empty() {
+        return Err("give --types or --streams (--types '*' for every event)".into());
+    }
+    for p in args.mint.types.iter().chain(&args.mint.streams) {
+        crate::filter::Pattern::parse(p)?;
+    }
+    crate::token::mint(&args.mint, &key, alg, crate::token::now_secs())
+}

@@ -167,6 +167,12 @@ pub struct AuthConfig {
     pub admin_api_key_sha256: Option<String>,
     /// ebuse's `tenants.yaml` (`--tenants`): multi-tenant mode.
     pub tenants_file: Option<PathBuf>,
+    /// HS256 secret that verifies subscription tokens (single-tenant mode).
+    pub token_secret: Option<String>,
+    /// The secret before a rotation, accepted beside `token_secret`.
+    pub token_secret_previous: Option<String>,
+    /// PEM public key(s), or a PEM file's path, for RS256/ES256 tokens.
+    pub token_public_key: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -214,6 +220,8 @@ pub struct SseConfig {
     pub max_connections: usize,
     /// SSE connections per API key (per shard); 429 beyond.
     pub max_per_key: usize,
+    /// SSE connections per token user (`sub`, per tenant, whole process); 429 beyond.
+    pub max_per_user: usize,
     pub heartbeat_interval: Duration,
     /// `retry:` sent on connect, in milliseconds.
     pub retry_ms: u64,
@@ -319,6 +327,9 @@ pub struct RawAuth {
     pub admin_api_key: Option<String>,
     pub admin_api_key_sha256: Option<String>,
     pub tenants_file: Option<String>,
+    pub token_secret: Option<String>,
+    pub token_secret_previous: Option<String>,
+    pub token_public_key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -350,6 +361,7 @@ pub struct RawSse {
     pub slow_client: Option<String>,
     pub max_connections: Option<i64>,
     pub max_per_key: Option<i64>,
+    pub max_per_user: Option<i64>,
     pub heartbeat_interval: Option<String>,
     pub retry_ms: Option<i64>,
     pub catch_up_batch_events: Option<i64>,
@@ -472,6 +484,9 @@ pub const KEYS: &[(&str, &str)] = &[
     ("auth", "admin_api_key"),
     ("auth", "admin_api_key_sha256"),
     ("auth", "tenants_file"),
+    ("auth", "token_secret"),
+    ("auth", "token_secret_previous"),
+    ("auth", "token_public_key"),
     ("database", "path"),
     ("database", "synchronous"),
     ("database", "cache_size"),
@@ -490,6 +505,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("sse", "slow_client"),
     ("sse", "max_connections"),
     ("sse", "max_per_key"),
+    ("sse", "max_per_user"),
     ("sse", "heartbeat_interval"),
     ("sse", "retry_ms"),
     ("sse", "catch_up_batch_events"),
@@ -583,6 +599,9 @@ fn set_raw(raw: &mut RawConfig, section: &str, key: &str, v: String) -> Result<(
         ("auth", "admin_api_key") => raw.auth.admin_api_key = Some(v),
         ("auth", "admin_api_key_sha256") => raw.auth.admin_api_key_sha256 = Some(v),
         ("auth", "tenants_file") => raw.auth.tenants_file = Some(v),
+        ("auth", "token_secret") => raw.auth.token_secret = Some(v),
+        ("auth", "token_secret_previous") => raw.auth.token_secret_previous = Some(v),
+        ("auth", "token_public_key") => raw.auth.token_public_key = Some(v),
         ("database", "tenants_dir") => raw.database.tenants_dir = Some(v),
         ("storage", "max_database_bytes") => raw.storage.max_database_bytes = Some(int(&v)?),
         ("database", "path") => raw.database.path = Some(v),
@@ -602,6 +621,7 @@ fn set_raw(raw: &mut RawConfig, section: &str, key: &str, v: String) -> Result<(
         ("sse", "slow_client") => raw.sse.slow_client = Some(v),
         ("sse", "max_connections") => raw.sse.max_connections = Some(int(&v)?),
         ("sse", "max_per_key") => raw.sse.max_per_key = Some(int(&v)?),
+        ("sse", "max_per_user") => raw.sse.max_per_user = Some(int(&v)?),
         ("sse", "heartbeat_interval") => raw.sse.heartbeat_interval = Some(v),
         ("sse", "retry_ms") => raw.sse.retry_ms = Some(int(&v)?),
         ("sse", "catch_up_batch_events") => raw.sse.catch_up_batch_events = Some(int(&v)?),
@@ -669,7 +689,7 @@ pub struct Explained {
 
 /// Keys whose values are never printed.
 fn is_secret(key: &str) -> bool {
-    key.contains("api_key") && !key.ends_with("sha256")
+    (key.contains("api_key") && !key.ends_with("sha256")) || key.contains("token_secret")
 }
 
 /// Every key's effective value and its origin, for the same inputs as
@@ -960,6 +980,9 @@ impl Config {
             admin_api_key: nonempty(raw.auth.admin_api_key),
             admin_api_key_sha256: nonempty(raw.auth.admin_api_key_sha256),
             tenants_file: nonempty(raw.auth.tenants_file).map(PathBuf::from),
+            token_secret: nonempty(raw.auth.token_secret),
+            token_secret_previous: nonempty(raw.auth.token_secret_previous),
+            token_public_key: nonempty(raw.auth.token_public_key),
         };
         // Short keys start (ebuse takes any, `API_KEY=abc`): `tenant` warns
         // about each once logging is up, naming its owner, never the key.
@@ -1116,6 +1139,12 @@ impl Config {
                 0,
                 10_000_000,
             )? as usize,
+            max_per_user: range(
+                need(e.max_per_user, "sse.max_per_user")?,
+                "sse.max_per_user",
+                0,
+                10_000_000,
+            )? as usize,
             heartbeat_interval: dur(e.heartbeat_interval, "sse.heartbeat_interval")?,
             retry_ms: range(
                 need(e.retry_ms, "sse.retry_ms")?,
@@ -1245,7 +1274,10 @@ impl RawConfig {
             read_api_keys,
             admin_api_key,
             admin_api_key_sha256,
-            tenants_file
+            tenants_file,
+            token_secret,
+            token_secret_previous,
+            token_public_key
         );
         if !other.tenants.is_empty() {
             out.tenants = other.tenants;
@@ -1285,6 +1317,7 @@ impl RawConfig {
             slow_client,
             max_connections,
             max_per_key,
+            max_per_user,
             heartbeat_interval,
             retry_ms,
             catch_up_batch_events

@@ -792,7 +792,12 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
             })
         };
         let body_len = head.content_length.unwrap_or(0);
-        let (route, tenant) = match resolved {
+        let route::Resolved {
+            route,
+            tenant,
+            grant,
+            subscriber_key,
+        } = match resolved {
             Ok(r) => r,
             Err(answer) => {
                 // Its body is read and dropped, so the next request on the
@@ -865,6 +870,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
                 tenant,
                 &mut stream,
                 &query,
+                grant.as_ref(),
                 keep_alive,
                 cors.as_deref(),
                 is_head,
@@ -884,11 +890,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
                 .last_event_id
                 .clone()
                 .map(|r| String::from_utf8_lossy(&pending[r]).into_owned());
-            // `resolve` has refused an ambiguous key already.
-            let key = route::presented_key(&shard, &head, query, pending)
-                .ok()
-                .flatten();
-            let parsed = crate::sse::subscription(query, last_id.as_deref(), key.as_deref());
+            let parsed = crate::sse::subscription(query, last_id.as_deref(), subscriber_key, grant);
             shard.metrics.request(
                 route.metric_index(),
                 parsed.as_ref().map_or_else(|e| e.status, |_| 200),
@@ -974,7 +976,8 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
 
         // 4. Answer.
         let req = &rb.buf[rb.start..rb.start + head.head_len + body_len];
-        let answer = route::handle(&shard, tenant.as_deref(), route, &head, req).await;
+        let answer =
+            route::handle(&shard, tenant.as_deref(), grant.as_ref(), route, &head, req).await;
         shard.metrics.request(
             route.metric_index(),
             answer.status,

@@ -48,3 +48,10 @@ pub const SSE_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_mil
 /// half, and a fan-out round delays a request by at most a poll interval
 /// instead of the whole round.
 pub const SSE_TASK_SHARES: usize = 1000;
+/// How often each shard ends the SSE streams whose subscription token has
+/// expired: an expired token's stream ends within this of its `exp`.
+pub const TOKEN_EXPIRY_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a new token subscription waits for the shard that counts its
+/// user (`sse.max_per_user`) before it is refused with 503 (that shard is
+/// stopping).
+pub const USER_COUNT_ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);

@@ -77,6 +77,32 @@ enum Command {
         #[arg(long, default_value_t = shardcast::import::PAGE_EVENTS_DEFAULT)]
         batch: usize,
     },
+    /// Mint a subscription token (a JWT) for tests and scripts, signed with
+    /// the configured token secret (or --private-key); prints it. Your app's
+    /// backend mints its own with any JWT library (docs/sse.md).
+    Token {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The user it is for (the `sub` claim).
+        #[arg(long)]
+        sub: String,
+        /// Event types it may see: names or prefixes (`order.*`), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        types: Vec<String>,
+        /// Streams it may see: names or prefixes (`user-42:*`), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        streams: Vec<String>,
+        /// How long it is valid (`90s`, `15m`, `1h`).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// The tenant (multi-tenant mode; it goes into the token).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Sign with this private key PEM (RSA: RS256, EC P-256: ES256,
+        /// Ed25519: EdDSA) instead of the secret.
+        #[arg(long)]
+        private_key: Option<PathBuf>,
+    },
     /// Print the effective configuration and where each value came from
     /// (default, file or environment variable); secrets are not shown.
     Config(ConfigArgs),
@@ -372,6 +398,50 @@ fn main() -> ExitCode {
                 Err(e) => {
                     shardcast::say_err!("shardcast backup: {e}");
                     ExitCode::from(1)
+                }
+            };
+        }
+        Some(Command::Token {
+            config,
+            sub,
+            types,
+            streams,
+            ttl,
+            tenant,
+            private_key,
+        }) => {
+            let Some(cfg) = load_once(config) else {
+                return ExitCode::from(2);
+            };
+            let ttl = match shardcast::config::parse_duration(&ttl) {
+                Ok(d) if d.as_secs() > 0 => d.as_secs(),
+                Ok(_) => {
+                    shardcast::say_err!("shardcast token: --ttl must be at least 1s");
+                    return ExitCode::from(2);
+                }
+                Err(e) => {
+                    shardcast::say_err!("shardcast token: --ttl: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let args = shardcast::cli::TokenArgs {
+                mint: shardcast::token::Mint {
+                    sub,
+                    types,
+                    streams,
+                    ttl_secs: ttl,
+                    tenant,
+                },
+                private_key,
+            };
+            return match shardcast::cli::token(&cfg, args) {
+                Ok(t) => {
+                    println!("{t}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    shardcast::say_err!("shardcast token: {e}");
+                    ExitCode::from(2)
                 }
             };
         }

@@ -11,6 +11,7 @@
 
 use crate::config::DatabaseConfig;
 use crate::event::Event;
+use crate::filter::Filter;
 use crate::storage::Page;
 use crate::tenant::TenantId;
 use rusqlite::Connection;
@@ -243,9 +244,17 @@ impl Readers {
         to: u64,
         event_type: Option<String>,
         limit: usize,
+        scope: Option<Filter>,
     ) -> Result<Page, String> {
         self.run(move |c| {
-            crate::storage::events_range_json(c, from, to, event_type.as_deref(), limit)
+            crate::storage::events_range_json(
+                c,
+                from,
+                to,
+                event_type.as_deref(),
+                limit,
+                scope.as_ref(),
+            )
         })
         .await
     }
@@ -261,6 +270,10 @@ impl Readers {
     /// have returned. If any part comes back short (retention pruned below
     /// it meanwhile), the page is read again in one piece, so the answer is
     /// always the one a single scan gives.
+    ///
+    /// With a `scope` (a token's), events outside it are left out; a page
+    /// cut by `SCOPED_SCAN_ROWS_MAX` says where to go on like one cut by
+    /// `limit`.
     #[allow(clippy::too_many_arguments)]
     pub async fn page_json(
         &self,
@@ -271,13 +284,19 @@ impl Readers {
         head: u64,
         gzip_min: Option<usize>,
         level: u32,
+        scope: Option<Filter>,
     ) -> Result<Answer, String> {
         let from = from.max(1);
         let end = to.min(head);
         let span = end.checked_sub(from).map_or(0, |d| d.saturating_add(1));
         let n = span.min(limit as u64) as usize;
         let parts = self.threads.min(n / (PAGE_SPLIT_MIN_EVENTS / 2)).max(1);
-        if event_type.is_some() || gzip_min.is_some() || parts < 2 || n < PAGE_SPLIT_MIN_EVENTS {
+        if event_type.is_some()
+            || scope.is_some()
+            || gzip_min.is_some()
+            || parts < 2
+            || n < PAGE_SPLIT_MIN_EVENTS
+        {
             return self
                 .run(move |c| {
                     let page = crate::storage::events_range_json(
@@ -286,9 +305,13 @@ impl Readers {
                         to,
                         event_type.as_deref(),
                         limit,
+                        scope.as_ref(),
                     )?;
+                    let next = page.next_from(limit, end);
                     let (body, gzipped) = gzip_if(page.json, gzip_min, level);
-                    Ok(Answer::one(body, gzipped).cut(page.count, page.last, limit, end))
+                    let mut answer = Answer::one(body, gzipped);
+                    answer.next_from = next;
+                    Ok(answer)
                 })
                 .await;
         }
@@ -296,7 +319,11 @@ impl Readers {
         let reads = (0..parts).map(|i| {
             let lo = from + (i * each) as u64;
             let len = each.min(n - i * each);
-            (lo, len, self.range_json(lo, lo + len as u64 - 1, None, len))
+            (
+                lo,
+                len,
+                self.range_json(lo, lo + len as u64 - 1, None, len, None),
+            )
         });
         let mut want = Vec::with_capacity(parts);
         let mut futures = Vec::with_capacity(parts);
@@ -313,10 +340,12 @@ impl Readers {
             .zip(&want)
             .all(|(p, &(lo, len))| p.count == len && p.last == Some(lo + len as u64 - 1));
         if !whole {
-            return self
-                .range_json(from, to, None, limit)
-                .await
-                .map(|p| Answer::one(p.json, false).cut(p.count, p.last, limit, end));
+            return self.range_json(from, to, None, limit, None).await.map(|p| {
+                let next = p.next_from(limit, end);
+                let mut answer = Answer::one(p.json, false);
+                answer.next_from = next;
+                answer
+            });
         }
         Ok(Answer {
             parts: pages.into_iter().map(|p| p.json).collect(),
@@ -333,15 +362,19 @@ impl Readers {
     }
 
     /// The events at these positions, in the order given, as a JSON array,
-    /// gzipped per `gzip_if`.
+    /// gzipped per `gzip_if`; with a `scope`, only those within it.
     pub async fn at_json(
         &self,
         positions: Vec<u64>,
         gzip_min: Option<usize>,
         level: u32,
+        scope: Option<Filter>,
     ) -> Result<(Vec<u8>, bool), String> {
         self.run(move |c| {
-            let events = crate::storage::events_at(c, &positions)?;
+            let mut events = crate::storage::events_at(c, &positions)?;
+            if let Some(scope) = &scope {
+                events.retain(|e| scope.matches(&e.new.event_type, e.new.stream.as_deref()));
+            }
             Ok(gzip_if(crate::event::events_json(&events), gzip_min, level))
         })
         .await

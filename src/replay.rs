@@ -13,6 +13,7 @@
 
 use crate::http::ApiError;
 use crate::shard::Tenant;
+use crate::token::Grant;
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 
@@ -23,15 +24,23 @@ const BATCH_EVENTS_MAX: usize = 5000;
 
 /// Serve one replay. Ok(true): the answer is complete and the connection may
 /// serve another request; Ok(false): the answer was an error, already written.
+/// With a subscription token's `grant`, only events in its scope are
+/// replayed (and a `type` outside it is 403).
 pub async fn serve(
     tenant: &Tenant,
     stream: &mut TcpStream,
     query: &str,
+    grant: Option<&Grant>,
     keep_alive: bool,
     cors: Option<&str>,
     is_head: bool,
 ) -> std::io::Result<bool> {
-    let params = match parse(query) {
+    let params = parse(query).and_then(|p| {
+        crate::route::type_within(p.event_type.as_deref(), grant)?;
+        Ok(p)
+    });
+    let scope = grant.map(|g| g.scope.clone());
+    let params = match params {
         Ok(p) => p,
         Err(e) => {
             let mut out = Vec::new();
@@ -66,10 +75,19 @@ pub async fn serve(
             break;
         }
         let crate::storage::Page {
-            json: page, last, ..
+            json: page,
+            count,
+            scanned,
+            ..
         } = match tenant
             .readers
-            .range_json(from, head, params.event_type.clone(), params.batch)
+            .range_json(
+                from,
+                head,
+                params.event_type.clone(),
+                params.batch,
+                scope.clone(),
+            )
             .await
         {
             Ok(p) => p,
@@ -80,9 +98,14 @@ pub async fn serve(
                 return Ok(false);
             }
         };
-        let Some(last) = last else {
+        // Through `scanned`: a scoped page may skip rows after its last event.
+        let Some(last) = scanned else {
             break;
         };
+        from = last + 1;
+        if count == 0 {
+            continue;
+        }
         // The page arrives as `[e,…]`, encoded on the reader thread: it joins
         // the replay's one array without its brackets.
         let inner = &page[1..page.len() - 1];
@@ -98,7 +121,6 @@ pub async fn serve(
         stream.write_all(inner).await?;
         stream.write_all(b"\r\n").await?;
         drop(page);
-        from = last + 1;
     }
     body.push(b']');
     chunk(&mut out, &body);

@@ -7,6 +7,7 @@ use crate::event::{self, encode_event};
 use crate::http::{ApiError, Body, Method, RequestHead, Response};
 use crate::shard::{Caller, Shard, Submit, Tenant};
 use crate::tenant::Access;
+use crate::token::Grant;
 use crate::writer::{AppendKind, Outcome};
 use std::rc::Rc;
 
@@ -183,12 +184,64 @@ fn whole_range(query: &[u8]) -> bool {
     q.get("limit").is_none() && q.get("to").is_some_and(|t| t != "-1")
 }
 
+/// A request's route and who it is, decided once from its head.
+pub struct Resolved {
+    pub route: Route,
+    /// None for `/health`, and for the admin key on `/tenants`, `/metrics`.
+    pub tenant: Option<Rc<Tenant>>,
+    /// When it came with a subscription token: what the token allows.
+    pub grant: Option<Grant>,
+    /// A subscription's API key, for `sse.max_per_key`.
+    pub subscriber_key: Option<Box<[u8]>>,
+}
+
+/// The routes a subscription token may use: subscribing and reading.
+fn token_may(route: Route) -> bool {
+    matches!(
+        route,
+        Route::Subscribe | Route::Load | Route::Stream | Route::StreamRead
+    )
+}
+
+/// The subscription token a request presents, if any: `token=` in the
+/// query, or a Bearer value that is a JWT and no API key. A token beside
+/// an API key is 400 `ambiguous_credentials`, like two keys.
+fn presented_token(
+    shard: &Shard,
+    head: &RequestHead,
+    query: &str,
+    buf: &[u8],
+) -> Result<Option<String>, ApiError> {
+    let in_query = if query.contains("token=") {
+        crate::sse::query_param(query, "token").filter(|t| !t.is_empty())
+    } else {
+        None
+    };
+    let header = head.api_key.as_ref().map(|r| &buf[r.clone()]);
+    let bearer = header.filter(|h| shard.is_token(h));
+    let key_in_query = query.contains("api_key=")
+        && crate::sse::query_param(query, "api_key").is_some_and(|k| !k.is_empty());
+    let ambiguous = match (&in_query, header) {
+        (Some(q), Some(h)) => q.as_bytes() != h,
+        _ => false,
+    } || ((in_query.is_some() || bearer.is_some())
+        && (key_in_query || head.ambiguous_credentials));
+    if ambiguous {
+        return Err(ApiError::new(
+            400,
+            "ambiguous_credentials",
+            "the request presents a subscription token and another credential; send exactly one",
+        ));
+    }
+    Ok(in_query.or_else(|| bearer.map(|b| String::from_utf8_lossy(b).into_owned())))
+}
+
 pub fn resolve(
     shard: &Shard,
     head: &RequestHead,
     path: &str,
     buf: &[u8],
-) -> Result<(Route, Option<Rc<Tenant>>), ApiError> {
+) -> Result<Resolved, ApiError> {
     let m = head.method;
     let get = |r| match m {
         Method::Get | Method::Head => Ok(r),
@@ -231,8 +284,34 @@ pub fn resolve(
             ))
         }
     };
+    let mut grant = None;
+    let mut subscriber_key = None;
+    let query = std::str::from_utf8(&buf[head.query.clone()]).unwrap_or("");
+    let token = if route == Route::Health {
+        None
+    } else {
+        presented_token(shard, head, query, buf)?
+    };
     let tenant = if route == Route::Health {
         None
+    } else if let Some(token) = token {
+        // Verified once here; the token itself goes no further (never logged).
+        let (caller, g) = shard.token_caller(&token).map_err(|e| e.into_api())?;
+        if !token_may(route) {
+            return Err(ApiError::new(
+                403,
+                "forbidden",
+                "a subscription token may only subscribe and read (GET /events/subscribe, /events, /events/stream, /streams/{stream}); this needs an API key",
+            ));
+        }
+        grant = Some(g);
+        match caller {
+            Caller::Tenant(t, _) => Some(t),
+            Caller::Unavailable(why) => return Err(unavailable(shard, &why)),
+            Caller::Admin | Caller::Unknown => {
+                return Err(ApiError::new(401, "unauthorized", "unknown tenant"))
+            }
+        }
     } else if route == Route::Tenants && shard.tenant_names().is_none() {
         return Err(ApiError::new(
             404,
@@ -240,8 +319,10 @@ pub fn resolve(
             "single-tenant mode: there are no tenants to list",
         ));
     } else {
-        let query = std::str::from_utf8(&buf[head.query.clone()]).unwrap_or("");
         let given = presented_key(shard, head, query, buf)?.unwrap_or_default();
+        if route == Route::Subscribe && !given.is_empty() {
+            subscriber_key = Some(given.as_ref().into());
+        }
         let forbidden = |msg: &str| ApiError::new(403, "forbidden", msg);
         match shard.caller(&given) {
             Caller::Tenant(_, _) if route == Route::Tenants => {
@@ -264,15 +345,7 @@ pub fn resolve(
                     "the admin key holds no tenant's events: use a tenant's key",
                 ))
             }
-            Caller::Unavailable(why) => {
-                let mut e = ApiError::new(
-                    503,
-                    "tenant_unavailable",
-                    format!("this tenant's storage is unavailable: {why}"),
-                );
-                e.retry_after_secs = Some(shard.cfg.writer.retry_after_secs.max(5));
-                return Err(e);
-            }
+            Caller::Unavailable(why) => return Err(unavailable(shard, &why)),
             Caller::Unknown => {
                 let msg = if given.is_empty() {
                     "missing API key: send X-API-Key or Authorization: Bearer"
@@ -322,7 +395,37 @@ pub fn resolve(
             "this endpoint takes no request body",
         ));
     }
-    Ok((route, tenant))
+    Ok(Resolved {
+        route,
+        tenant,
+        grant,
+        subscriber_key,
+    })
+}
+
+fn unavailable(shard: &Shard, why: &str) -> ApiError {
+    let mut e = ApiError::new(
+        503,
+        "tenant_unavailable",
+        format!("this tenant's storage is unavailable: {why}"),
+    );
+    e.retry_after_secs = Some(shard.cfg.writer.retry_after_secs.max(5));
+    e
+}
+
+/// A `type` filter of a read, checked against a token's scope: 403 when
+/// the scope does not cover it.
+pub fn type_within(event_type: Option<&str>, grant: Option<&Grant>) -> Result<(), ApiError> {
+    let (Some(g), Some(t)) = (grant, event_type) else {
+        return Ok(());
+    };
+    let asked = crate::filter::Filter {
+        types: vec![crate::filter::Pattern::Exact(t.into())],
+        streams: Vec::new(),
+    };
+    asked
+        .within(&g.scope)
+        .map_err(|side| crate::token::outside_scope(side, &g.scope))
 }
 
 /// One request as its handler sees it.
@@ -332,6 +435,8 @@ struct Req<'a> {
     head: &'a RequestHead,
     /// The whole request: head, then body.
     raw: &'a [u8],
+    /// A subscription token's grant: reads stay within its scope.
+    grant: Option<&'a Grant>,
 }
 
 impl Req<'_> {
@@ -345,11 +450,17 @@ impl Req<'_> {
 pub async fn handle(
     shard: &Rc<Shard>,
     tenant: Option<&Tenant>,
+    grant: Option<&Grant>,
     route: Route,
     head: &RequestHead,
     raw: &[u8],
 ) -> Response {
-    let r = &Req { shard, head, raw };
+    let r = &Req {
+        shard,
+        head,
+        raw,
+        grant,
+    };
     // Reads and the operator's endpoints are boxed: the state of their
     // awaits (reader jobs, scrapes) would otherwise sit in every
     // connection's task whatever it is doing (handler state 592 → 216
@@ -407,6 +518,7 @@ async fn health(r: &Req<'_>) -> Result<Response, ApiError> {
         shard,
         head,
         raw: req,
+        ..
     } = *r;
     let q = r.query();
     match q.get("mode").as_deref() {
@@ -581,7 +693,9 @@ fn position(tenant: &Tenant) -> Result<Response, ApiError> {
 }
 
 async fn append(r: &Req<'_>, tenant: &Tenant, route: Route) -> Result<Response, ApiError> {
-    let Req { shard, raw, head } = *r;
+    let Req {
+        shard, raw, head, ..
+    } = *r;
     let body = &raw[head.head_len..];
     let (kind, parsed) = {
         let mut stamp = shard.stamp.borrow_mut();
@@ -709,6 +823,7 @@ async fn load(r: &Req<'_>, tenant: &Tenant) -> Result<Response, ApiError> {
     };
     let limit = q.count("limit", LOAD_EVENTS_MAX, LOAD_EVENTS_MAX)?;
     let event_type = q.get("type");
+    type_within(event_type.as_deref(), r.grant)?;
     // Encoded (and gzipped) on the reader threads: the shard only copies it
     // out. The committed head lets a large page be read in parallel parts;
     // without it (index unreadable) the page is read in one piece.
@@ -723,6 +838,7 @@ async fn load(r: &Req<'_>, tenant: &Tenant) -> Result<Response, ApiError> {
             committed,
             gzip_min(shard, head),
             shard.cfg.server.gzip_level,
+            r.grant.map(|g| g.scope.clone()),
         )
         .await
         .map_err(|e| read_failed(shard, e))?;
@@ -795,8 +911,18 @@ async fn stream_read(r: &Req<'_>, tenant: &Tenant) -> Result<Response, ApiError>
         shard,
         head,
         raw: req,
+        ..
     } = *r;
     let stream = stream_name(path_of(head, req)).unwrap_or_default();
+    if let Some(g) = r.grant {
+        let asked = crate::filter::Filter {
+            types: Vec::new(),
+            streams: vec![crate::filter::Pattern::Exact(stream.as_str().into())],
+        };
+        asked
+            .within(&g.scope)
+            .map_err(|side| crate::token::outside_scope(side, &g.scope))?;
+    }
     let q = r.query();
     let from_version = q.number("from_version", 1)?;
     let limit = q.count("limit", LOAD_EVENTS_MAX, LOAD_EVENTS_MAX)?;
@@ -818,6 +944,7 @@ async fn stream_read(r: &Req<'_>, tenant: &Tenant) -> Result<Response, ApiError>
             positions,
             gzip_min(shard, head),
             shard.cfg.server.gzip_level,
+            r.grant.map(|g| g.scope.clone()),
         )
         .await
         .map_err(|e| read_failed(shard, e))?;
@@ -843,6 +970,7 @@ async fn consumer_set(r: &Req<'_>, tenant: &Tenant) -> Result<Response, ApiError
         shard,
         head,
         raw: req,
+        ..
     } = *r;
     let body = &req[head.head_len..];
     let id = consumer_id(path_of(head, req)).unwrap_or_default();

@@ -139,7 +139,11 @@ pub fn run(cfg: Config, reload: LoadConfig) -> Result<(), StartError> {
         let (t, r) = flume::unbounded();
         reply_txs.push(t);
         reply_rxs.push(r);
-        let (t, r) = flume::bounded(8);
+        // Unbounded, as what sends to it bounds it: reloads and scrapes wait
+        // for their answers, and each SSE connection sends at most two
+        // per-user counting messages (an acquire and a release, which must
+        // never be dropped for a full queue).
+        let (t, r) = flume::unbounded();
         control_txs.push(t);
         control_rxs.push(r);
     }

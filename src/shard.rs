@@ -44,6 +44,9 @@ pub struct Shard {
     /// The task queue SSE subscribers run in, beside the default one that
     /// runs connections and the writer's answers (limits::SSE_TASK_SHARES).
     pub sse_tasks: glommio::TaskQueueHandle,
+    /// SSE connections per token user, for the users this shard counts
+    /// (`user_owner`): every shard asks the owner, so the count is exact.
+    users: RefCell<HashMap<(TenantId, Box<str>), usize>>,
 }
 
 /// A tenant as one shard holds it: a handle on its index and reads, and
@@ -93,6 +96,35 @@ impl Shard {
             Who::Admin => Caller::Admin,
             Who::Unknown => Caller::Unknown,
         }
+    }
+
+    /// Resolve a presented subscription token (verified here, once per
+    /// request): its tenant, with read access only, and what it grants.
+    pub fn token_caller(
+        &self,
+        token: &str,
+    ) -> Result<(Caller, crate::token::Grant), crate::token::TokenError> {
+        let t = self.tenants.borrow();
+        let (id, grant) = t.set.who_token(token, crate::token::now_secs())?;
+        let caller = match t.local.get(&id) {
+            Some(tenant) => Caller::Tenant(tenant.clone(), Access::READ),
+            None => Caller::Unavailable(
+                t.set
+                    .get(id)
+                    .and_then(|i| i.unavailable.clone())
+                    .unwrap_or_else(|| "this tenant's storage is not open".into()),
+            ),
+        };
+        Ok((caller, grant))
+    }
+
+    /// Whether a Bearer value may be a subscription token: some tenant
+    /// takes tokens, it has a JWT's shape, and it is no configured API key.
+    pub fn is_token(&self, presented: &[u8]) -> bool {
+        let t = self.tenants.borrow();
+        t.set.accepts_tokens()
+            && crate::token::looks_like_jwt(presented)
+            && !t.set.is_key(presented)
     }
 
     /// Whether requests must present a key at all.
@@ -186,6 +218,87 @@ impl Shard {
             .values()
             .map(|t| t.fanout.subscribers.get())
             .sum()
+    }
+
+    /// The shard that counts a token user's SSE connections
+    /// (`sse.max_per_user`): one per user, chosen by hash, so the count is
+    /// exact across shards without a shared lock.
+    pub fn user_owner(&self, tenant: TenantId, sub: &str) -> usize {
+        use std::hash::{Hash, Hasher};
+        // Fixed keys: the same owner on every shard of the process.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (tenant, sub).hash(&mut h);
+        (h.finish() % self.peers.len().max(1) as u64) as usize
+    }
+
+    /// Count one more connection for a user, if it has fewer than `max`
+    /// (on the owning shard).
+    pub fn count_user(&self, tenant: TenantId, sub: &str, max: usize) -> bool {
+        let mut users = self.users.borrow_mut();
+        let key = (tenant, Box::<str>::from(sub));
+        let n = users.entry(key).or_insert(0);
+        if max > 0 && *n >= max {
+            if *n == 0 {
+                users.remove(&(tenant, Box::<str>::from(sub)));
+            }
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// One connection of a user ended (on the owning shard).
+    pub fn uncount_user(&self, tenant: TenantId, sub: &str) {
+        let mut users = self.users.borrow_mut();
+        let key = (tenant, Box::<str>::from(sub));
+        if let Some(n) = users.get_mut(&key) {
+            // Each release follows its own acquire: never below zero.
+            debug_assert!(*n > 0, "a user's connection count went negative");
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                users.remove(&key);
+            }
+        }
+    }
+
+    /// Take a place under `sse.max_per_user` for a new subscription: here
+    /// when this shard owns the user, else by asking its owner (one
+    /// message each way, once per connection). false: the user is full.
+    pub async fn acquire_user(&self, tenant: TenantId, sub: &str) -> Result<bool, ()> {
+        let max = self.cfg.sse.max_per_user;
+        let owner = self.user_owner(tenant, sub);
+        if owner == self.id {
+            return Ok(self.count_user(tenant, sub, max));
+        }
+        let (reply, answer) = flume::bounded(1);
+        let msg = Control::UserAcquire {
+            tenant,
+            sub: sub.into(),
+            max,
+            reply,
+        };
+        self.peers[owner].try_send(msg).map_err(|_| ())?;
+        let timeout = glommio::timer::Timer::new(crate::limits::USER_COUNT_ASK_TIMEOUT);
+        futures_lite::future::or(async { answer.recv_async().await.map_err(|_| ()) }, async {
+            timeout.await;
+            Err(())
+        })
+        .await
+    }
+
+    /// Give back a place taken by `acquire_user`. Sent before the
+    /// connection closes, so a client that reconnects at once is counted
+    /// after it (the owner reads one queue in order).
+    pub fn release_user(&self, tenant: TenantId, sub: &str) {
+        let owner = self.user_owner(tenant, sub);
+        if owner == self.id {
+            self.uncount_user(tenant, sub);
+        } else {
+            let _ = self.peers[owner].try_send(Control::UserRelease {
+                tenant,
+                sub: sub.into(),
+            });
+        }
     }
 
     /// Every tenant this shard holds (for the heartbeat).
@@ -469,6 +582,19 @@ pub enum Control {
     Tenants(Arc<TenantSet>),
     /// A scrape: this shard's counters.
     Metrics(flume::Sender<crate::metrics::ShardSnapshot>),
+    /// Count a token user's new SSE connection on its owning shard; the
+    /// answer says whether it is under `max` (`Shard::acquire_user`).
+    UserAcquire {
+        tenant: TenantId,
+        sub: Box<str>,
+        max: usize,
+        reply: flume::Sender<bool>,
+    },
+    /// A token user's SSE connection ended.
+    UserRelease {
+        tenant: TenantId,
+        sub: Box<str>,
+    },
 }
 
 pub struct ShardParts {
@@ -527,6 +653,7 @@ pub async fn run(parts: ShardParts) {
             glommio::Latency::Matters(crate::limits::SSE_POLL_INTERVAL),
             "sse",
         ),
+        users: RefCell::new(HashMap::new()),
     });
     shard.install(tenants);
 
@@ -557,6 +684,7 @@ pub async fn run(parts: ShardParts) {
         glommio::spawn_local(async move { crate::accept::accept_loop(shard, listener).await })
     };
     let heartbeat = glommio::spawn_local(crate::sse::heartbeat_loop(shard.clone()));
+    let expiry = glommio::spawn_local(crate::sse::expiry_loop(shard.clone()));
     tracing::debug!(shard = id, "shard started");
 
     let deadline = loop {
@@ -565,6 +693,15 @@ pub async fn run(parts: ShardParts) {
             Ok(Control::Metrics(reply)) => {
                 let _ = reply.try_send(shard.snapshot());
             }
+            Ok(Control::UserAcquire {
+                tenant,
+                sub,
+                max,
+                reply,
+            }) => {
+                let _ = reply.try_send(shard.count_user(tenant, &sub, max));
+            }
+            Ok(Control::UserRelease { tenant, sub }) => shard.uncount_user(tenant, &sub),
             Ok(Control::Shutdown { deadline }) => break deadline,
             Err(_) => break Instant::now() + shard.cfg.server.shutdown_timeout,
         }
@@ -593,6 +730,7 @@ pub async fn run(parts: ShardParts) {
         glommio::timer::sleep(Duration::from_millis(1)).await;
     }
     let _ = heartbeat.cancel().await;
+    let _ = expiry.cancel().await;
     let _ = flusher.cancel().await;
     shard.writer.close();
     let _ = replies.cancel().await;

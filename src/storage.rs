@@ -292,16 +292,24 @@ pub fn event_at(conn: &Connection, position: u64) -> rusqlite::Result<Option<Eve
     .optional()
 }
 
+/// Most rows a scoped read (a subscription token's) looks at for one page:
+/// a narrow scope over a long history answers a short page that says where
+/// to go on (`Page::scan_cut`) rather than scanning it all in one request.
+pub const SCOPED_SCAN_ROWS_MAX: usize = 100_000;
+
 /// Up to `limit` events with `from <= position <= to`, optionally of one
 /// type, in position order (a rowid range scan; the type is checked per row),
 /// encoded straight from the rows into a JSON array (no owned events in
-/// between). Returns the array and the last position.
+/// between). Returns the array and the last position. With a `scope` (a
+/// token's), rows outside it are skipped, and at most
+/// `SCOPED_SCAN_ROWS_MAX` rows are looked at.
 pub fn events_range_json(
     conn: &Connection,
     from: u64,
     to: u64,
     event_type: Option<&str>,
     limit: usize,
+    scope: Option<&crate::filter::Filter>,
 ) -> rusqlite::Result<Page> {
     let clamp = |p: u64| p.min(i64::MAX as u64) as i64;
     let sql = match event_type {
@@ -313,17 +321,41 @@ pub fn events_range_json(
         ),
     };
     let mut stmt = conn.prepare_cached(&sql)?;
+    let scan = match scope {
+        Some(_) => SCOPED_SCAN_ROWS_MAX.max(limit),
+        None => limit,
+    };
     let mut rows = stmt.query(rusqlite::params![
         clamp(from),
         clamp(to),
         event_type,
-        limit as i64
+        scan as i64
     ])?;
     let mut out = Vec::with_capacity(limit.min(64) * 256);
     out.push(b'[');
     let mut last = None;
     let mut rows_seen = 0usize;
+    let mut scanned = None;
+    let mut rows_scanned = 0usize;
     while let Some(r) = rows.next()? {
+        if rows_seen == limit {
+            break;
+        }
+        rows_scanned += 1;
+        if let Some(scope) = scope {
+            scanned = Some(r.get::<_, i64>(0)? as u64);
+            let t = match r.get_ref(2)? {
+                rusqlite::types::ValueRef::Text(t) => std::str::from_utf8(t).unwrap_or(""),
+                _ => "",
+            };
+            let st = match r.get_ref(5)? {
+                rusqlite::types::ValueRef::Text(t) => std::str::from_utf8(t).ok(),
+                _ => None,
+            };
+            if !scope.matches(t, st) {
+                continue;
+            }
+        }
         if last.is_some() {
             out.push(b',');
         }
@@ -369,6 +401,8 @@ pub fn events_range_json(
         json: out,
         last,
         count: rows_seen,
+        scanned: scanned.or(last),
+        scan_cut: scope.is_some() && rows_scanned == scan && rows_seen < limit,
     })
 }
 
@@ -380,6 +414,28 @@ pub struct Page {
     pub last: Option<u64>,
     /// Events in it.
     pub count: usize,
+    /// The last position the scan looked at (beyond `last` when a scope
+    /// skipped rows after it): the next page starts after it.
+    pub scanned: Option<u64>,
+    /// A scoped read stopped at `SCOPED_SCAN_ROWS_MAX` rows, before `limit`
+    /// events and maybe before the range's end.
+    pub scan_cut: bool,
+}
+
+impl Page {
+    /// Where the next page starts, if this one stopped before `end` (the
+    /// range's last position, at most the head): cut by `limit` events, or
+    /// a scoped read by its row budget.
+    pub fn next_from(&self, limit: usize, end: u64) -> Option<u64> {
+        let stopped = if self.count >= limit {
+            self.last
+        } else if self.scan_cut {
+            self.scanned
+        } else {
+            None
+        };
+        stopped.filter(|p| *p < end).map(|p| p + 1)
+    }
 }
 
 fn json_ref(v: rusqlite::types::ValueRef<'_>) -> Option<&[u8]> {

@@ -18,6 +18,7 @@
 //! (SIGHUP) builds a new one and hands it to the writer and the shards.
 
 use crate::config::{Config, ConfigError, DatabaseConfig, IndexConfig};
+use crate::token::{Grant, TokenError, TokenKeys};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -92,6 +93,12 @@ pub struct RawTenant {
     pub keys: Vec<RawKey>,
     /// Size cap of this tenant's database (0: `storage.max_database_bytes`).
     pub max_database_bytes: Option<u64>,
+    /// HS256 secret that verifies this tenant's subscription tokens.
+    pub token_secret: Option<String>,
+    /// The secret before a rotation, accepted beside `token_secret`.
+    pub token_secret_previous: Option<String>,
+    /// PEM public key(s), or a PEM file's path, for RS256/ES256 tokens.
+    pub token_public_key: Option<String>,
 }
 
 /// ebuse's `tenants.yaml`, plus shardcast's additions.
@@ -113,6 +120,8 @@ pub struct TenantSpec {
     pub database: DatabaseConfig,
     pub index: IndexConfig,
     pub keys: Vec<(KeyDigest, Access)>,
+    /// Keys that verify its subscription tokens, when it accepts them.
+    pub tokens: Option<Arc<TokenKeys>>,
 }
 
 /// What the configuration says about tenants and keys.
@@ -268,6 +277,14 @@ impl Tenancy {
                     None => return Err(bad(&what, "a key entry needs key or key_sha256")),
                 }
             }
+            let tokens = TokenKeys::from_config(
+                &what,
+                t.token_secret.as_deref(),
+                t.token_secret_previous.as_deref(),
+                t.token_public_key.as_deref(),
+            )
+            .map_err(|m| bad(&what, m))?
+            .map(Arc::new);
             if keys.is_empty() {
                 return Err(bad(&what, "API key cannot be empty"));
             }
@@ -291,6 +308,7 @@ impl Tenancy {
                 database,
                 index,
                 keys,
+                tokens,
             });
         }
         if admin_keys.iter().any(|a| seen_keys.contains_key(a)) {
@@ -317,6 +335,15 @@ impl Tenancy {
             warn_if_short("auth.read_api_keys", k);
             keys.push((digest(k.as_bytes()), Access::READ));
         }
+        let a = &cfg.auth;
+        let tokens = TokenKeys::from_config(
+            "auth",
+            a.token_secret.as_deref(),
+            a.token_secret_previous.as_deref(),
+            a.token_public_key.as_deref(),
+        )
+        .map_err(|m| bad("auth", m))?
+        .map(Arc::new);
         let open = cfg.auth.api_key.is_none();
         if open && !keys.is_empty() {
             return Err(bad(
@@ -331,6 +358,7 @@ impl Tenancy {
                 database: cfg.database.clone(),
                 index: cfg.index.clone(),
                 keys,
+                tokens,
             }],
             admin_keys,
             open,
@@ -376,6 +404,9 @@ pub struct TenantSet {
     pub tenants: Vec<Arc<TenantInfo>>,
     keys: HashMap<KeyDigest, (TenantId, Access)>,
     admin: Vec<KeyDigest>,
+    /// Each tenant's token keys, by name (a token names its tenant in
+    /// multi-tenant mode).
+    token_keys: HashMap<String, (TenantId, Arc<TokenKeys>)>,
 }
 
 /// Who a request is.
@@ -389,10 +420,14 @@ pub enum Who {
 impl TenantSet {
     pub fn new(tenancy: &Tenancy, tenants: Vec<Arc<TenantInfo>>) -> TenantSet {
         let mut keys = HashMap::new();
+        let mut token_keys = HashMap::new();
         for (spec, info) in tenancy.tenants.iter().zip(&tenants) {
             debug_assert_eq!(spec.name, info.name);
             for (d, a) in &spec.keys {
                 keys.insert(*d, (info.id, *a));
+            }
+            if let Some(t) = &spec.tokens {
+                token_keys.insert(spec.name.clone(), (info.id, t.clone()));
             }
         }
         TenantSet {
@@ -401,7 +436,46 @@ impl TenantSet {
             tenants,
             keys,
             admin: tenancy.admin_keys.clone(),
+            token_keys,
         }
+    }
+
+    /// Whether `key` is one of the configured API keys (any tenant's, or
+    /// the admin key).
+    pub fn is_key(&self, key: &[u8]) -> bool {
+        let d = digest(key);
+        self.keys.contains_key(&d) || self.admin.contains(&d)
+    }
+
+    /// Whether any tenant accepts subscription tokens.
+    pub fn accepts_tokens(&self) -> bool {
+        !self.token_keys.is_empty()
+    }
+
+    /// Verify a subscription token at `now`: the tenant it is for (the
+    /// `tenant` claim in multi-tenant mode; the one tenant otherwise) and
+    /// what it grants.
+    pub fn who_token(&self, token: &str, now: u64) -> Result<(TenantId, Grant), TokenError> {
+        let (id, keys) = if self.multi {
+            let name = crate::token::tenant_claim(token)?.ok_or_else(|| {
+                TokenError::Malformed(
+                    "the token names no tenant: a multi-tenant server needs the tenant claim"
+                        .into(),
+                )
+            })?;
+            // One answer for "no such tenant" and "takes no tokens": a
+            // token's bearer learns nothing about other tenants.
+            self.token_keys.get(&name).ok_or_else(|| {
+                TokenError::NotAccepted("the token's tenant accepts no subscription tokens".into())
+            })?
+        } else {
+            self.token_keys.values().next().ok_or_else(|| {
+                TokenError::NotAccepted(
+                    "this server accepts no subscription tokens (auth.token_secret or auth.token_public_key is not set)".into(),
+                )
+            })?
+        };
+        keys.verify(token, now).map(|g| (*id, g))
     }
 
     /// Resolve a presented key (empty: none presented).

@@ -18,6 +18,8 @@ use crate::config::SlowClient;
 use crate::event::Event;
 use crate::http::ApiError;
 use crate::shard::{Shard, Tenant};
+use crate::tenant::TenantId;
+use crate::token::Grant;
 pub use index::{Filter, Frame, Pattern};
 use index::{Ring, Waiters};
 
@@ -84,6 +86,9 @@ pub struct Fanout {
     pub delivered: Cell<u64>,
     /// The tenant was removed: every subscriber ends.
     closed: Cell<bool>,
+    /// Token subscribers by expiry (Unix seconds, subscriber id): the
+    /// expiry check wakes those whose token has run out.
+    expiring: RefCell<std::collections::BTreeSet<(u64, u64)>>,
     /// Where a woken subscriber gathers its frames. One per shard: a
     /// subscriber uses it only between two awaits, so no allocation per
     /// delivery and none held by idle subscribers.
@@ -103,6 +108,7 @@ impl Fanout {
             slow_clients: Cell::new(0),
             delivered: Cell::new(0),
             closed: Cell::new(false),
+            expiring: RefCell::new(std::collections::BTreeSet::new()),
             scratch: RefCell::new(Vec::new()),
         }
     }
@@ -168,6 +174,19 @@ impl Fanout {
         self.waiting.borrow().wake_all();
     }
 
+    /// Wake the subscribers whose token expired by `now` (each ends its
+    /// stream with `event: token_expired` when it runs).
+    pub fn expire(&self, now: u64) {
+        let mut expiring = self.expiring.borrow_mut();
+        while let Some(&(at, id)) = expiring.first() {
+            if at > now {
+                break;
+            }
+            expiring.pop_first();
+            self.waiting.borrow().wake(id);
+        }
+    }
+
     /// The heartbeat: every idle subscriber writes a comment line.
     pub fn beat(&self) {
         self.heartbeat.set(self.heartbeat.get() + 1);
@@ -190,8 +209,18 @@ pub struct Subscription {
     pub start: Start,
     /// The key it authenticated with, for `sse.max_per_key`.
     pub key: Option<Box<[u8]>>,
+    /// The token's user, when it came with a subscription token.
+    pub user: Option<User>,
     /// CORS header lines for the response, when the origin is allowed.
     pub cors: Option<String>,
+}
+
+/// A token subscriber's user: counted by `sub` under `sse.max_per_user`;
+/// its stream ends at `expires` (Unix seconds) with `event: token_expired`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub sub: Box<str>,
+    pub expires: u64,
 }
 
 /// Counts a subscriber against the shard's caps while it lives, and keeps
@@ -201,15 +230,25 @@ struct Slot<'a> {
     id: u64,
     key: Option<Box<[u8]>>,
     filter: &'a Filter,
+    /// A token subscriber: its place under `sse.max_per_user`, given back
+    /// through its shard, and its entry in `expiring`.
+    user: Option<(&'a Shard, TenantId, &'a User)>,
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         self.fanout.waiting.borrow_mut().unregister(self.id);
         self.fanout.ring.borrow_mut().remove_reader(self.filter);
-        self.fanout
-            .subscribers
-            .set(self.fanout.subscribers.get() - 1);
+        let n = self.fanout.subscribers.get();
+        debug_assert!(n > 0, "a shard's subscriber count went negative");
+        self.fanout.subscribers.set(n - 1);
+        if let Some((shard, tenant, user)) = self.user {
+            self.fanout
+                .expiring
+                .borrow_mut()
+                .remove(&(user.expires, self.id));
+            shard.release_user(tenant, &user.sub);
+        }
         if let Some(k) = &self.key {
             let mut per_key = self.fanout.per_key.borrow_mut();
             if let Some(n) = per_key.get_mut(k) {
@@ -268,7 +307,22 @@ fn admit<'a>(
         id,
         key,
         filter,
+        user: None,
     })
+}
+
+/// 429 for a user (token `sub`) at `sse.max_per_user`.
+fn user_full(shard: &Shard) -> ApiError {
+    let mut e = ApiError::new(
+        429,
+        "too_many_subscriptions",
+        format!(
+            "this user already holds {} SSE connections (sse.max_per_user)",
+            shard.cfg.sse.max_per_user
+        ),
+    );
+    e.retry_after_secs = Some(shard.cfg.writer.retry_after_secs.max(5));
+    e
 }
 
 /// What woke a waiting subscriber.
@@ -276,6 +330,7 @@ enum Wake {
     Events,
     Heartbeat,
     Closed,
+    Expired,
 }
 
 /// Serve one subscriber until it goes away (or the shard drains).
@@ -298,8 +353,41 @@ pub fn serve(
         // Needed only for the head: not kept for the subscription's lifetime.
         let cors = sub.cors.take();
         let filter = &sub.filter;
-        let slot = match admit(&shard, &tenant.fanout, sub.key.take(), filter) {
-            Ok(s) => s,
+        let user = sub.user.as_ref();
+        // A token's user: a place under `sse.max_per_user` first (its
+        // owning shard may be another), then the shard's own caps.
+        let counted = match user {
+            None => Ok(()),
+            Some(u) => match shard.acquire_user(tenant.id(), &u.sub).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(user_full(&shard)),
+                Err(()) => {
+                    let mut e =
+                        ApiError::new(503, "shutting_down", "the server is stopping; reconnect");
+                    e.retry_after_secs = Some(shard.cfg.writer.retry_after_secs.max(5));
+                    Err(e)
+                }
+            },
+        };
+        let admitted = counted.and_then(|()| {
+            admit(&shard, &tenant.fanout, sub.key.take(), filter).inspect_err(|_| {
+                if let Some(u) = user {
+                    shard.release_user(tenant.id(), &u.sub);
+                }
+            })
+        });
+        let slot = match admitted {
+            Ok(mut s) => {
+                if let Some(u) = user {
+                    s.user = Some((&*shard, tenant.id(), u));
+                    tenant
+                        .fanout
+                        .expiring
+                        .borrow_mut()
+                        .insert((u.expires, s.id));
+                }
+                s
+            }
             Err(e) => {
                 let mut out = Vec::new();
                 e.write(&mut out, false, cors.as_deref());
@@ -352,6 +440,20 @@ Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: keep-alive\r\n",
         loop {
             if fanout.closed.get() {
                 return;
+            }
+            // 0. The token ran out: say so (with where to resume) and end.
+            if let Some(u) = user {
+                if crate::token::now_secs() >= u.expires {
+                    out.extend_from_slice(
+                        b"event: token_expired\ndata: {\"reason\":\"token_expired\",\"expired_at\":",
+                    );
+                    out.extend_from_slice(itoa::Buffer::new().format(u.expires).as_bytes());
+                    out.extend_from_slice(b",\"last_event_id\":");
+                    out.extend_from_slice(itoa::Buffer::new().format(cursor).as_bytes());
+                    out.extend_from_slice(b"}\n\n");
+                    let _ = write(&mut stream, &mut out).await;
+                    return;
+                }
             }
             // 1. Behind the ring: a page from SQLite.
             if cursor + 1 < fanout.first() {
@@ -485,6 +587,9 @@ Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: keep-alive\r\n",
                 if fanout.closed.get() {
                     return Poll::Ready(Wake::Closed);
                 }
+                if user.is_some_and(|u| crate::token::now_secs() >= u.expires) {
+                    return Poll::Ready(Wake::Expired);
+                }
                 if registered {
                     if fanout.waiting.borrow().woken(slot.id) {
                         return Poll::Ready(Wake::Events);
@@ -518,7 +623,8 @@ Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: keep-alive\r\n",
             }
             match woke {
                 Wake::Closed => return,
-                Wake::Events => {}
+                // Said and ended at the top of the loop.
+                Wake::Events | Wake::Expired => {}
                 Wake::Heartbeat => {
                     seen_beat = fanout.heartbeat.get();
                     match send_now(stream.as_raw_fd(), b":\n\n") {
@@ -580,6 +686,17 @@ pub async fn heartbeat_loop(shard: Rc<Shard>) {
     }
 }
 
+/// The shard's token expiry check: one timer for all its subscribers.
+pub async fn expiry_loop(shard: Rc<Shard>) {
+    loop {
+        glommio::timer::sleep(crate::limits::TOKEN_EXPIRY_CHECK_INTERVAL).await;
+        let now = crate::token::now_secs();
+        for t in shard.each_tenant() {
+            t.fanout.expire(now);
+        }
+    }
+}
+
 /// Percent-decode one query value (`+` is a space).
 pub fn decode_query_value(v: &str) -> String {
     let b = v.as_bytes();
@@ -621,7 +738,8 @@ pub fn query_param(query: &str, name: &str) -> Option<String> {
 pub fn subscription(
     query: &str,
     last_event_id: Option<&str>,
-    key: Option<&[u8]>,
+    key: Option<Box<[u8]>>,
+    grant: Option<Grant>,
 ) -> Result<Subscription, ApiError> {
     let position = |name: &str, v: &str| -> Result<u64, ApiError> {
         v.trim().parse::<u64>().map_err(|_| {
@@ -658,10 +776,32 @@ pub fn subscription(
         .filter(|s| !s.is_empty())
         .map(|s| Pattern::parse(&s).map_err(|why| bad("stream", why)))
         .transpose()?;
+    let filter = Filter {
+        types,
+        streams: stream.into_iter().collect(),
+    };
+    let (filter, user) = match grant {
+        None => (filter, None),
+        Some(g) => {
+            // Within the token's scope, or refused: a page asking for more
+            // than its user may see is a bug worth a clear answer.
+            if let Err(side) = filter.within(&g.scope) {
+                return Err(crate::token::outside_scope(side, &g.scope));
+            }
+            (
+                filter.narrowed(&g.scope),
+                Some(User {
+                    sub: g.sub,
+                    expires: g.expires,
+                }),
+            )
+        }
+    };
     Ok(Subscription {
-        filter: Filter { types, stream },
+        filter,
         start,
-        key: key.map(Into::into),
+        key,
+        user,
         cors: None,
     })
 }
@@ -773,22 +913,28 @@ mod tests {
 
     #[test]
     fn start_points_and_filters() {
-        let s = subscription("from=5&types=a,b&stream=s%201", None, None).unwrap();
+        let s = subscription("from=5&types=a,b&stream=s%201", None, None, None).unwrap();
         assert_eq!(s.start, Start::After(4));
         assert_eq!(
             s.filter.types,
             vec![Pattern::Exact("a".into()), Pattern::Exact("b".into())]
         );
-        assert_eq!(s.filter.stream, Some(Pattern::Exact("s 1".into())));
+        assert_eq!(s.filter.streams, vec![Pattern::Exact("s 1".into())]);
         assert!(s.filter.matches("a", Some("s 1")));
         assert!(!s.filter.matches("c", Some("s 1")));
         assert!(!s.filter.matches("a", None));
-        let s = subscription("last_event_id=9&from=2", Some("12"), None).unwrap();
+        let s = subscription("last_event_id=9&from=2", Some("12"), None, None).unwrap();
         assert_eq!(s.start, Start::After(12));
-        let s = subscription("last_event_id=9&from=2", None, None).unwrap();
+        let s = subscription("last_event_id=9&from=2", None, None, None).unwrap();
         assert_eq!(s.start, Start::After(9));
-        assert_eq!(subscription("", None, None).unwrap().start, Start::Live);
-        assert_eq!(subscription("from=x", None, None).unwrap_err().status, 400);
+        assert_eq!(
+            subscription("", None, None, None).unwrap().start,
+            Start::Live
+        );
+        assert_eq!(
+            subscription("from=x", None, None, None).unwrap_err().status,
+            400
+        );
     }
 
     #[test]
