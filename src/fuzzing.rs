@@ -535,3 +535,38 @@ pub fn split_input(data: &[u8]) -> (Vec<usize>, &[u8]) {
     cuts.sort_unstable();
     (cuts, stream)
 }
+
+/// `token::TokenKeys::verify`: bytes as a presented token, and the same
+/// bytes as the claims of a properly signed HS256 token (so the claim
+/// checks are reached, not only the signature check). Never a panic; an
+/// accepted token grants a user, a future expiry and a non-empty scope,
+/// and verifies the same way twice.
+pub fn token(data: &[u8]) {
+    use crate::token::{TokenKeys, SUB_BYTES_MAX};
+    const SECRET: &str = "fuzzing-secret-0123456789abcdef!";
+    const NOW: u64 = 1_800_000_000;
+    static KEYS: OnceLock<TokenKeys> = OnceLock::new();
+    let keys = KEYS.get_or_init(|| {
+        TokenKeys::from_config("fuzz", Some(SECRET), None, None)
+            .expect("a secret makes keys")
+            .expect("a secret is configured")
+    });
+    let check = |token: &str| {
+        if let Ok(g) = keys.verify(token, NOW) {
+            assert!(!g.sub.is_empty() && g.sub.len() <= SUB_BYTES_MAX);
+            assert!(g.expires > NOW);
+            assert!(!g.scope.types.is_empty() || !g.scope.streams.is_empty());
+            assert_eq!(keys.verify(token, NOW), Ok(g));
+        }
+        let _ = crate::token::tenant_claim(token);
+        let _ = crate::token::looks_like_jwt(token.as_bytes());
+    };
+    check(&String::from_utf8_lossy(data));
+    if let Ok(claims) = serde_json::from_slice::<serde_json::Value>(data) {
+        let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()).expect("an HMAC key");
+        let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        if let Ok(t) = jsonwebtoken::encode(&header, &claims, &key) {
+            check(&t);
+        }
+    }
+}

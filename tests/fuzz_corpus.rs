@@ -64,3 +64,8 @@ fn chunked_body() {
         shardcast::fuzzing::chunked_body(stream, &cuts);
     });
 }
+
+#[test]
+fn token() {
+    replay("token", shardcast::fuzzing::token);
+}
