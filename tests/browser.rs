@@ -7,6 +7,10 @@
 //! Chromium ends an SSE line at any of them, so each must start a new
 //! `data:` line or the page's `JSON.parse` fails and the event goes missing.
 //!
+//! A second page subscribes with a per-user subscription token from its
+//! "backend" and renews it when the stream says `token_expired`, as
+//! docs/sse.md shows.
+//!
 //! The page reports what it received to a small HTTP server inside this test.
 //! Ignored where Chromium is not installed, except under CI (`.ci/run`
 //! installs it), where it fails instead.
@@ -33,6 +37,15 @@ fn chromium() -> Option<&'static str> {
 
 /// Serve the page, and pass on every `/report?…` query the page sends.
 fn page_server(page: String) -> (u16, mpsc::Receiver<String>) {
+    page_server_with(page, None)
+}
+
+/// A token the page's "backend" hands out at `/token`.
+type TokenSource = Box<dyn Fn() -> String + Send>;
+
+/// `page_server`, with `/token` answered by `token` (the app's backend
+/// minting a subscription token for its user).
+fn page_server_with(page: String, token: Option<TokenSource>) -> (u16, mpsc::Receiver<String>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let (tx, rx) = mpsc::channel();
@@ -55,6 +68,9 @@ fn page_server(page: String) -> (u16, mpsc::Receiver<String>) {
             let body = if let Some(q) = target.strip_prefix("/report?") {
                 let _ = tx.send(q.to_string());
                 String::new()
+            } else if let (Some(t), true) = (&token, target.starts_with("/token")) {
+                let _ = tx.send("token".to_string());
+                t()
             } else {
                 page.clone()
             };
@@ -200,4 +216,171 @@ es.addEventListener("greeting", (m) => {{
         .filter(|p| *p >= start)
         .collect();
     assert_eq!(all, want, "every greeting from the first seen on, in order");
+}
+
+/// Headless Chromium on a page; killed when dropped, then its profile removed.
+struct Browser {
+    child: std::process::Child,
+    _profile: TempDir,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn browse(url: &str) -> Browser {
+    let chrome = chromium().expect("Chromium is not installed (apt-get install chromium)");
+    let profile = TempDir::new("chromium-profile-token");
+    let child = Command::new(chrome)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chromium");
+    Browser {
+        child,
+        _profile: profile,
+    }
+}
+
+/// The pattern docs/sse.md gives: the page gets a short-lived token from
+/// its backend, subscribes with it, and when the stream says
+/// `token_expired`, fetches a fresh one and resumes from `last_event_id`.
+/// It must see its own user's events only, each once, across renewals.
+#[test]
+#[cfg_attr(
+    not(tool_chromium),
+    ignore = "needs Chromium (apt-get install chromium)"
+)]
+fn a_page_with_a_subscription_token_sees_its_own_events_and_resumes_after_renewal() {
+    const SECRET: &str = "browser-token-secret-0123456789ab";
+    let sc_port = fixed_port();
+    let page = format!(
+        r#"<!doctype html><meta charset="utf-8"><title>tokens</title><script>
+const ids = [];
+let last = null, renewals = 0;
+async function connect() {{
+  const token = await (await fetch("/token")).text();
+  const url = new URL("http://127.0.0.1:{sc_port}/events/subscribe");
+  url.searchParams.set("token", token);
+  if (last !== null) url.searchParams.set("last_event_id", last);
+  const es = new EventSource(url);
+  es.addEventListener("chat", (m) => {{
+    const v = JSON.parse(m.data);
+    if (!v.stream.startsWith("user-42:")) throw new Error("not mine: " + v.stream);
+    ids.push(v.position);
+    fetch("/report?ids=" + ids.join(",") + "&renewals=" + renewals);
+  }});
+  es.addEventListener("token_expired", (m) => {{
+    es.close();
+    last = JSON.parse(m.data).last_event_id;
+    renewals += 1;
+    connect();
+  }});
+}}
+connect();
+</script>"#
+    );
+    let mint: TokenSource = Box::new(|| {
+        let (key, alg) = shardcast::token::signing_key(Some(SECRET), None).unwrap();
+        let m = shardcast::token::Mint {
+            sub: "user-42".into(),
+            types: vec![],
+            streams: vec!["user-42:*".into()],
+            ttl_secs: 2,
+            tenant: None,
+        };
+        shardcast::token::mint(&m, &key, alg, shardcast::token::now_secs()).unwrap()
+    });
+    let (page_port, reports) = page_server_with(page, Some(mint));
+    let dir = TempDir::new("browser-token");
+    let origin = format!("http://127.0.0.1:{page_port}");
+    let port_s = sc_port.to_string();
+    let s = Server::start(
+        dir.path(),
+        &[
+            ("API_KEY", KEY),
+            ("PORT", port_s.as_str()),
+            ("SHARDCAST_SERVER_CORS_ORIGINS", origin.as_str()),
+            ("SHARDCAST_AUTH_TOKEN_SECRET", SECRET),
+        ],
+    );
+    let _browser = browse(&format!("http://127.0.0.1:{page_port}/"));
+    let post = |stream: &str| {
+        let body = format!(r#"{{"type":"chat","data":{{"m":1}},"stream":"{stream}"}}"#);
+        let r = s.conn().request(
+            "POST",
+            "/events",
+            &[("Content-Type", "application/json"), ("X-API-Key", KEY)],
+            body.as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["position"].as_u64().unwrap()
+    };
+    // Publish for user-42 and user-43 until the page reports, then for ~7 s
+    // more: three or more 2-second tokens expire on the way.
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut mine = Vec::new();
+    let mut report = String::new();
+    loop {
+        assert!(Instant::now() < until, "the page never reported an event");
+        post("user-43:inbox");
+        mine.push(post("user-42:inbox"));
+        if let Ok(q) = reports.recv_timeout(Duration::from_millis(300)) {
+            if q.starts_with("ids=") {
+                break;
+            }
+        }
+    }
+    let busy = Instant::now() + Duration::from_secs(7);
+    while Instant::now() < busy {
+        post("user-43:inbox");
+        mine.push(post("user-42:inbox"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let all = {
+        let until = Instant::now() + Duration::from_secs(30);
+        let want = *mine.last().unwrap();
+        loop {
+            assert!(Instant::now() < until, "the page stopped at {report}");
+            let Ok(q) = reports.recv_timeout(Duration::from_millis(500)) else {
+                continue;
+            };
+            let Some(rest) = q.strip_prefix("ids=") else {
+                continue;
+            };
+            report = rest.to_string();
+            let (ids, _) = rest.split_once('&').unwrap();
+            let ids: Vec<u64> = ids.split(',').map(|s| s.parse().unwrap()).collect();
+            if ids.last() == Some(&want) {
+                break ids;
+            }
+        }
+    };
+    let renewals: u32 = report.rsplit("renewals=").next().unwrap().parse().unwrap();
+    assert!(
+        renewals >= 2,
+        "tokens were renewed {renewals} times: {report}"
+    );
+    let start = all[0];
+    let want: Vec<u64> = mine.iter().copied().filter(|p| *p >= start).collect();
+    assert_eq!(
+        all, want,
+        "user-42's events from the first seen on, once each, in order"
+    );
 }
