@@ -18,6 +18,10 @@
 #                        t{n mod TYPES} (nchan: one channel per topic); 0 = all
 #   PUBLISHERS=4         publishing keep-alive connections
 #   SERIAL=              set (SERIAL=1): one event in flight per publisher
+#   TOKENS=              set (TOKENS=1): shardcast twice, with an API key
+#                        (shardcast-key) and with a subscription token per
+#                        subscriber scoped to its topic (shardcast-token),
+#                        and their ratio
 #
 # The workloads of docs/benchmarks.md:
 #   scripts/bench-sse.sh                                        # burst broadcast
@@ -41,6 +45,9 @@ DRAIN_SECS=${DRAIN_SECS:-60}
 TYPES=${TYPES:-0}
 PUBLISHERS=${PUBLISHERS:-4}
 SERIAL=${SERIAL:-}
+TOKENS=${TOKENS:-}
+BENCH_KEY=bench-api-key-0123456789
+BENCH_SECRET=bench-token-secret-0123456789abcdef
 extra=(--types "$TYPES" --publishers "$PUBLISHERS")
 [ -n "$SERIAL" ] && extra+=(--serial)
 
@@ -71,19 +78,26 @@ if [ ! -x "$NGINX" ] || [ -z "$NCHAN_SO" ]; then
   NCHAN_SO=
 fi
 
-run_shardcast() { # N run
-  local dir=$work/sc-$1-$2 port
+run_shardcast() { # N run [key|token]: open (no auth), an API key, or a token per subscriber
+  local dir=$work/sc-$1-$2-${3:-open} port name=shardcast auth=()
   port=$(free_port)
   mkdir -p "$dir"
-  PORT=$port DB_PATH=$dir/events.db RATE_LIMIT=0 RUST_LOG=warn "$SHARDCAST_BIN" serve >"$dir/out" 2>"$dir/log" &
+  local env=(PORT="$port" DB_PATH="$dir/events.db" RATE_LIMIT=0 RUST_LOG=warn)
+  case "${3:-}" in
+    key) name=shardcast-key; auth=(--api-key "$BENCH_KEY")
+         env+=(API_KEY="$BENCH_KEY" SHARDCAST_SSE_MAX_PER_KEY=0) ;;
+    token) name=shardcast-token; auth=(--api-key "$BENCH_KEY" --token-secret "$BENCH_SECRET")
+         env+=(API_KEY="$BENCH_KEY" SHARDCAST_AUTH_TOKEN_SECRET="$BENCH_SECRET") ;;
+  esac
+  env "${env[@]}" "$SHARDCAST_BIN" serve >"$dir/out" 2>"$dir/log" &
   local pid=$!
   wait_port "$port"
   local line
   line=$("$SHARDCAST_BIN" bench sse --addr "127.0.0.1:$port" -n "$1" -m "$EVENTS" --rate "$RATE" \
-    --server-pid "$pid" --drain-secs "$DRAIN_SECS" "${extra[@]}" | grep '^RESULT ' || true)
+    --server-pid "$pid" --drain-secs "$DRAIN_SECS" "${extra[@]}" "${auth[@]}" | grep '^RESULT ' || true)
   kill "$pid"; wait "$pid" 2>/dev/null || true
-  [ -n "$line" ] || { echo "bench-sse: no result from shardcast at $1"; cat "$dir/log" >&2; exit 1; }
-  echo "shardcast n=$1 ${line#RESULT }" | tee -a "$work/results"
+  [ -n "$line" ] || { echo "bench-sse: no result from $name at $1"; cat "$dir/log" >&2; exit 1; }
+  echo "$name n=$1 ${line#RESULT }" | tee -a "$work/results"
 }
 
 run_nchan() { # N run
@@ -127,10 +141,15 @@ EOF
   echo "nchan n=$1 ${line#RESULT }" | tee -a "$work/results"
 }
 
-echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) CPUs, $(uname -r); events=$EVENTS rate=$RATE runs=$RUNS types=$TYPES publishers=$PUBLISHERS serial=${SERIAL:-0} nofile=$(ulimit -n)"
+echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) CPUs, $(uname -r); events=$EVENTS rate=$RATE runs=$RUNS types=$TYPES publishers=$PUBLISHERS serial=${SERIAL:-0} tokens=${TOKENS:-0} nofile=$(ulimit -n)"
 for r in $(seq 1 "$RUNS"); do
   for n in $SUBSCRIBERS; do
-    run_shardcast "$n" "$r"
+    if [ -n "$TOKENS" ]; then
+      run_shardcast "$n" "$r" key
+      run_shardcast "$n" "$r" token
+    else
+      run_shardcast "$n" "$r"
+    fi
     [ -n "$NCHAN_SO" ] && run_nchan "$n" "$r"
   done
 done
@@ -149,8 +168,10 @@ awk '
         key, med(key,"connections"), med(key,"delivery_ratio"), med(key,"deliveries_s"),
         med(key,"p50_us"), med(key,"p99_us"), med(key,"rss_per_conn_bytes"), med(key,"events_s"),
         med(key,"cpu_ns_per_delivery")
-      m[key] = med(key,"deliveries_s"); p[key] = med(key,"p99_us")
+      m[key] = med(key,"deliveries_s"); p[key] = med(key,"p99_us"); e[key] = med(key,"events_s")
     }
-    for (key in keys) { split(key, kk, " "); if (kk[1] == "shardcast" && (("nchan " kk[2]) in keys))
-      printf "RATIO %s deliveries_s shardcast/nchan=%.2f p99 shardcast/nchan=%.2f\n", kk[2], m[key] / m["nchan " kk[2]], p[key] / p["nchan " kk[2]] }
+    for (key in keys) { split(key, kk, " "); if (kk[1] ~ /^shardcast/ && (("nchan " kk[2]) in keys))
+      printf "RATIO %s deliveries_s %s/nchan=%.2f p99 %s/nchan=%.2f\n", kk[2], kk[1], m[key] / m["nchan " kk[2]], kk[1], p[key] / p["nchan " kk[2]] }
+    for (key in keys) { split(key, kk, " "); if (kk[1] == "shardcast-token" && (("shardcast-key " kk[2]) in keys))
+      printf "RATIO %s deliveries_s token/key=%.3f events_s token/key=%.3f p99 token/key=%.2f\n", kk[2], m[key] / m["shardcast-key " kk[2]], e[key] / e["shardcast-key " kk[2]], p[key] / p["shardcast-key " kk[2]] }
   }' "$work/results" | sort

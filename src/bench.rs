@@ -52,11 +52,33 @@ pub struct SseBench {
     /// One event in flight per publisher: wait for each answer before the
     /// next request (else requests are pipelined on schedule).
     pub serial: bool,
+    /// Subscribe with a subscription token each (user `bench-{i}`, scoped
+    /// to subscriber i's topic, or everything), signed with this secret;
+    /// the API key then only publishes.
+    pub token_secret: Option<String>,
 }
 
 impl SseBench {
     /// The subscribe path of subscriber `i`.
     fn sub_path_of(&self, i: usize) -> String {
+        if let (Some(secret), Target::Shardcast) = (&self.token_secret, self.target) {
+            // The token's scope is the filter: no `types=` beside it.
+            let types = match self.types {
+                0 => "*".to_string(),
+                k => format!("t{}", i % k),
+            };
+            let m = crate::token::Mint {
+                sub: format!("bench-{i}"),
+                types: vec![types],
+                streams: Vec::new(),
+                ttl_secs: 24 * 3600,
+                tenant: None,
+            };
+            let token = crate::token::signing_key(Some(secret), None)
+                .and_then(|(key, alg)| crate::token::mint(&m, &key, alg, crate::token::now_secs()))
+                .unwrap_or_default();
+            return format!("{}?token={token}", self.sub_path);
+        }
         match (self.types, self.target) {
             (0, _) => self.sub_path.clone(),
             (k, Target::Shardcast) => format!("{}?types=t{}", self.sub_path, i % k),
@@ -228,7 +250,7 @@ async fn subscriber(b: Rc<SseBench>, tally: Rc<Tally>, gate: Rc<Cell<usize>>, i:
         "GET {} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n",
         b.sub_path_of(i)
     );
-    if let Some(k) = &b.api_key {
+    if let (Some(k), None) = (&b.api_key, &b.token_secret) {
         req.push_str(&format!("X-API-Key: {k}\r\n"));
     }
     req.push_str("\r\n");

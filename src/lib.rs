@@ -8,8 +8,9 @@
 //!                   │        connection cap (503 beyond it, request unread)
 //!                  http     parse, keep-alive, pipelining, timeouts, JSON errors;
 //!                   │        per-client rate limit (ratelimit: 429 + Retry-After)
-//!                  route    endpoint, key → tenant + role (tenant), limits;
-//!                   │         parse events (event)
+//!                  route    endpoint, key → tenant + role (tenant), or a
+//!                   │         subscription token → tenant + scope (token, filter);
+//!                   │         limits; parse events (event)
 //!                   │         ├─ lookups: LMDB index (index), no locks
 //!                   │         └─ reads: SQLite on the reader pool (reader);
 //!                   │            long replays a page at a time (replay)

@@ -226,6 +226,10 @@ struct SseArgs {
     /// One event in flight per publisher (wait for each answer).
     #[arg(long)]
     serial: bool,
+    /// Subscribe with a subscription token each (user bench-{i}, scoped to
+    /// its topic), signed with this secret (the server's auth.token_secret).
+    #[arg(long, env = "BENCH_TOKEN_SECRET")]
+    token_secret: Option<String>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -534,6 +538,7 @@ fn bench_sse(a: SseArgs) -> ExitCode {
         publishers: a.publishers,
         types: a.types,
         serial: a.serial,
+        token_secret: a.token_secret.filter(|s| !s.is_empty()),
     };
     match shardcast::bench::run_sse(b) {
         Ok(r) => {

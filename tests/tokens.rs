@@ -771,3 +771,51 @@ fn each_tenant_verifies_its_own_tokens() {
     let page = listed(&get(&s, &format!("/events?token={tb}"), &[]));
     assert_eq!(page, vec![(1, "in-b".to_string(), None)]);
 }
+
+#[test]
+fn a_reload_rotates_the_secret_without_a_restart() {
+    let dir = TempDir::new("tok-reload");
+    let (a, b) = (
+        "secret-a-0123456789abcdef0123456789",
+        "secret-b-0123456789abcdef0123456789",
+    );
+    let cfg = dir.path().join("shardcast.toml");
+    let write = |secret: &str, previous: &str| {
+        std::fs::write(
+            &cfg,
+            format!("[auth]\napi_key = \"{KEY}\"\ntoken_secret = \"{secret}\"\ntoken_secret_previous = \"{previous}\"\n"),
+        )
+        .unwrap()
+    };
+    write(a, "");
+    let cfg_s = cfg.display().to_string();
+    let s = Server::start_with_args(dir.path(), &["--config", &cfg_s], &[]);
+    append(&s, &[("t", None)]);
+    let code = |secret: &str| {
+        let t = token_with(secret, None, "u", &["*"], &[], 60);
+        let r = get(&s, &format!("/events?token={t}"), &[]);
+        if r.status == 200 {
+            "ok".to_string()
+        } else {
+            r.error_code()
+        }
+    };
+    let reload_until = |secret: &str, want: &str| {
+        unsafe { libc::kill(s.pid(), libc::SIGHUP) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while code(secret) != want {
+            assert!(Instant::now() < deadline, "the reload did not take");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    assert_eq!(code(a), "ok");
+    assert_eq!(code(b), "invalid_token_signature");
+    // Step 1: the new secret, the old one still accepted.
+    write(b, a);
+    reload_until(b, "ok");
+    assert_eq!(code(a), "ok");
+    // Step 3: the old one removed.
+    write(b, "");
+    reload_until(a, "invalid_token_signature");
+    assert_eq!(code(b), "ok");
+}
