@@ -21,6 +21,9 @@ use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+/// Accept failures are logged at most this often (with how many there were).
+const ACCEPT_WARN_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Bind `count` listening sockets to `addr`. With port 0 the first socket's
 /// port is reused for the rest, so all shards share one address.
 pub fn bind_listeners(
@@ -167,7 +170,7 @@ impl Admission {
         if self
             .last_refusal_warning
             .get()
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+            .is_none_or(|t| t.elapsed() >= crate::log::REPEAT_LOG_INTERVAL)
         {
             self.last_refusal_warning.set(Some(Instant::now()));
             tracing::warn!(
@@ -239,7 +242,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: glommio::net::TcpListener) 
                 );
                 failures_since_warning += 1;
                 // Warn at most once a second; back off so a full fd table does not spin the loop.
-                if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+                if last_warning.is_none_or(|t| t.elapsed() > ACCEPT_WARN_INTERVAL) {
                     tracing::warn!(
                         shard = shard.id,
                         error = %e,
@@ -251,7 +254,12 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: glommio::net::TcpListener) 
                     last_warning = Some(Instant::now());
                     failures_since_warning = 0;
                 }
-                glommio::timer::sleep(Duration::from_millis(if out_of_fds { 50 } else { 5 })).await;
+                glommio::timer::sleep(if out_of_fds {
+                    crate::limits::ACCEPT_RETRY_AFTER_EMFILE
+                } else {
+                    crate::limits::ACCEPT_RETRY_AFTER_ERROR
+                })
+                .await;
             }
         }
     }

@@ -151,6 +151,15 @@ pub struct WriterConfig {
     pub retry_after_secs: u32,
 }
 
+impl WriterConfig {
+    /// `Retry-After` for conditions that last (an unavailable tenant, an SSE
+    /// cap, a shard stopping): at least `limits::RETRY_AFTER_LASTING_SECS_MIN`.
+    pub fn retry_after_lasting_secs(&self) -> u32 {
+        self.retry_after_secs
+            .max(crate::limits::RETRY_AFTER_LASTING_SECS_MIN)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
     pub batch_events_max: usize,

@@ -55,3 +55,48 @@ pub const TOKEN_EXPIRY_CHECK_INTERVAL: std::time::Duration = std::time::Duration
 /// user (`sse.max_per_user`) before it is refused with 503 (that shard is
 /// stopping).
 pub const USER_COUNT_ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Messages the writer's inbox holds per shard. A shard sends one message
+/// per wakeup and waits for its answers before more pile up (its queue is
+/// bounded by `writer.queue_*`), so this only smooths bursts of wakeups.
+pub const WRITER_INBOX_MESSAGES_PER_SHARD: usize = 64;
+/// How long a reload waits for a shard to let go of a removed tenant's
+/// LMDB environment before it gives up on re-adding it, and how often it looks.
+pub const RELOAD_INDEX_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+pub const RELOAD_INDEX_RELEASE_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+/// The least `Retry-After` for conditions that last longer than a full queue
+/// (a tenant whose storage is unavailable, an SSE cap, a shard that is
+/// stopping): `writer.retry_after_secs` (1 s by default) is sized for a queue
+/// that drains in milliseconds.
+pub const RETRY_AFTER_LASTING_SECS_MIN: u32 = 5;
+/// Between looks while a shard drains at shutdown: for connections to finish,
+/// then for its queue to the writer to empty.
+pub const DRAIN_CONNECTIONS_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+pub const DRAIN_QUEUE_POLL: std::time::Duration = std::time::Duration::from_millis(1);
+/// How long `accept` pauses after a failure: longer when out of file
+/// descriptors (they come back only as connections close), so a full fd
+/// table does not spin the loop.
+pub const ACCEPT_RETRY_AFTER_EMFILE: std::time::Duration = std::time::Duration::from_millis(50);
+pub const ACCEPT_RETRY_AFTER_ERROR: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// LMDB's largest key, in bytes (its default `MDB_MAXKEYSIZE`).
+pub const LMDB_KEY_BYTES_MAX: usize = 511;
+
+// Relations the numbers above must keep, checked when compiling.
+// Event ids, stream names and consumer ids are LMDB keys; a stream's
+// per-version key adds a 2-byte length and an 8-byte version (index::stream_key).
+const _: () = assert!(EVENT_ID_BYTES_MAX <= LMDB_KEY_BYTES_MAX);
+const _: () = assert!(STREAM_NAME_BYTES_MAX + 2 + 8 <= LMDB_KEY_BYTES_MAX);
+// A connection's starting buffer is one it keeps.
+const _: () = assert!(CONN_READ_BUFFER_BYTES <= CONN_BUFFER_KEEP_BYTES);
+// The SSE queue polls more often than glommio's default preempt timer (100 ms),
+// or it would change nothing.
+const _: () = assert!(SSE_POLL_INTERVAL.as_millis() < 100);
+// Tokens carry whole seconds: an expired one ends within a check of `exp`.
+const _: () = assert!(TOKEN_EXPIRY_CHECK_INTERVAL.as_secs() <= 1);
+// Each wait loop looks more than once before it gives up.
+const _: () =
+    assert!(RELOAD_INDEX_RELEASE_POLL.as_millis() * 2 <= RELOAD_INDEX_RELEASE_WAIT.as_millis());
+const _: () =
+    assert!(ACCEPT_RETRY_AFTER_ERROR.as_millis() <= ACCEPT_RETRY_AFTER_EMFILE.as_millis());
+// A sweep takes whole slices: at least one.
+const _: () = assert!(RETAIN_AGE_SWEEP_SLICES_MAX >= 1 && PRUNE_ROWS_PER_COMMIT >= 1);

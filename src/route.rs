@@ -409,7 +409,7 @@ fn unavailable(shard: &Shard, why: &str) -> ApiError {
         "tenant_unavailable",
         format!("this tenant's storage is unavailable: {why}"),
     );
-    e.retry_after_secs = Some(shard.cfg.writer.retry_after_secs.max(5));
+    e.retry_after_secs = Some(shard.cfg.writer.retry_after_lasting_secs());
     e
 }
 

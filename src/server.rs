@@ -118,9 +118,9 @@ pub fn run(cfg: Config, reload: LoadConfig) -> Result<(), StartError> {
             // One tenant's broken storage must not keep the others down.
             Err(e) if tenancy.multi => {
                 tracing::error!(tenant = %spec.name, error = %e, "tenant unavailable");
-                registry.add(id, spec, None, Some(e));
+                registry.add(id, spec, None, Some(e.to_string()));
             }
-            Err(e) => return Err(StartError(e)),
+            Err(e) => return Err(StartError(e.to_string())),
         }
     }
     let set = registry.set(&tenancy);
@@ -129,7 +129,8 @@ pub fn run(cfg: Config, reload: LoadConfig) -> Result<(), StartError> {
     let (addr, fds) = crate::accept::bind_listeners(cfg.server.listen, shards, cfg.server.backlog)
         .map_err(|e| start_err(&format!("cannot listen on {}", cfg.server.listen), e))?;
 
-    let (to_writer, writer_rx) = flume::bounded(shards * 64);
+    let (to_writer, writer_rx) =
+        flume::bounded(shards * crate::limits::WRITER_INBOX_MESSAGES_PER_SHARD);
     let (writer_control, writer_control_rx) = flume::unbounded();
     let mut reply_txs = Vec::new();
     let mut reply_rxs = Vec::new();
@@ -363,13 +364,13 @@ fn open_when_released(
     spec: &TenantSpec,
     cfg: &Config,
 ) -> Result<(Store, crate::index::Index), String> {
-    let deadline = Instant::now() + std::time::Duration::from_secs(2);
+    let deadline = Instant::now() + crate::limits::RELOAD_INDEX_RELEASE_WAIT;
     loop {
         match Store::open(&spec.name, &spec.database, &spec.index, cfg) {
-            Err(e) if e.contains("already open") && Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(20));
+            Err(crate::writer::OpenError::IndexHeld(_)) if Instant::now() < deadline => {
+                std::thread::sleep(crate::limits::RELOAD_INDEX_RELEASE_POLL);
             }
-            other => return other,
+            other => return other.map_err(|e| e.to_string()),
         }
     }
 }

@@ -18,7 +18,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Everything one shard's tasks share.
 pub struct Shard {
@@ -723,11 +723,11 @@ pub async fn run(parts: ShardParts) {
             );
             break;
         }
-        glommio::timer::sleep(Duration::from_millis(10)).await;
+        glommio::timer::sleep(crate::limits::DRAIN_CONNECTIONS_POLL).await;
     }
     // Everything queued has been sent; let the writer finish once all shards hang up.
     while !shard.writer.queue.borrow().is_empty() && Instant::now() < deadline {
-        glommio::timer::sleep(Duration::from_millis(1)).await;
+        glommio::timer::sleep(crate::limits::DRAIN_QUEUE_POLL).await;
     }
     let _ = heartbeat.cancel().await;
     let _ = expiry.cancel().await;

@@ -148,6 +148,29 @@ pub struct Store {
     index_log: crate::log::Repeated,
 }
 
+/// Why a store did not open.
+#[derive(Debug)]
+pub enum OpenError {
+    /// Its LMDB environment is still open in this process: a shard has not
+    /// yet let go of a tenant removed moments ago (a reload waits for it).
+    IndexHeld(String),
+    Failed(String),
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::IndexHeld(m) | OpenError::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<String> for OpenError {
+    fn from(m: String) -> OpenError {
+        OpenError::Failed(m)
+    }
+}
+
 impl Store {
     /// Lock, open (creating on first start), bring the index in step, start
     /// the checkpoint thread. Runs on any thread; the store then moves to
@@ -157,13 +180,20 @@ impl Store {
         database: &DatabaseConfig,
         index_cfg: &IndexConfig,
         cfg: &Config,
-    ) -> Result<(Store, Index), String> {
+    ) -> Result<(Store, Index), OpenError> {
         let lock =
             storage::lock_database(database).map_err(|e| format!("cannot lock database: {e}"))?;
         let conn = storage::open_writer(database)
             .map_err(|e| format!("cannot open database {}: {e}", database.path.display()))?;
-        let (index, recovery) = Index::open_checked(index_cfg, &conn)
-            .map_err(|e| format!("cannot open index {}: {e}", index_cfg.path.display()))?;
+        let (index, recovery) = Index::open_checked(index_cfg, &conn).map_err(|e| {
+            let m = format!("cannot open index {}: {e}", index_cfg.path.display());
+            match e {
+                crate::index::IndexError::Lmdb(heed::Error::EnvAlreadyOpened) => {
+                    OpenError::IndexHeld(m)
+                }
+                _ => OpenError::Failed(m),
+            }
+        })?;
         match &recovery {
             Recovery::InStep => tracing::info!(tenant = name, "index in step with SQLite"),
             Recovery::CaughtUp { from, to } => {
@@ -958,5 +988,258 @@ fn free_bytes(path: Option<&Path>) -> Option<u64> {
             return None;
         }
         Some(st.f_bavail as u64 * st.f_frsize as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The store's group commit on a real SQLite file and LMDB environment,
+    //! without HTTP: what one commit answers for each request of a group.
+    use super::*;
+    use crate::event::NewEvent;
+
+    struct Fixture {
+        _dir: std::path::PathBuf,
+        store: Store,
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self._dir);
+        }
+    }
+
+    fn open(name: &str, env: &[(&str, &str)]) -> Fixture {
+        let dir = std::env::temp_dir().join(format!(
+            "shardcast-writer-{name}-{}-{}",
+            std::process::id(),
+            crate::token::now_secs()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut vars: HashMap<String, String> = HashMap::new();
+        vars.insert(
+            "SHARDCAST_DATABASE_PATH".into(),
+            dir.join("events.db").display().to_string(),
+        );
+        for (k, v) in env {
+            vars.insert(k.to_string(), v.to_string());
+        }
+        let cfg = Config::load(None, &vars).unwrap();
+        let (store, _) = Store::open("t", &cfg.database, &cfg.index, &cfg).unwrap();
+        Fixture { _dir: dir, store }
+    }
+
+    fn ev(id: &str, stream: Option<&str>, expected: Option<u64>) -> NewEvent {
+        NewEvent {
+            id: id.into(),
+            event_type: "t".into(),
+            data: b"{}".to_vec(),
+            timestamp: "2026-01-01T00:00:00Z".into(),
+            stream: stream.map(Into::into),
+            expected_version: expected,
+            metadata: None,
+        }
+    }
+
+    fn req(ticket: u64, kind: AppendKind, events: Vec<NewEvent>) -> (usize, AppendRequest) {
+        (
+            0,
+            AppendRequest {
+                ticket,
+                tenant: 0,
+                kind,
+                events,
+                consumer: None,
+            },
+        )
+    }
+
+    /// Commit one group; the answers by ticket and the events made durable.
+    fn commit(store: &mut Store, group: Vec<(usize, AppendRequest)>) -> (Vec<Outcome>, Vec<Event>) {
+        let mut answers = vec![Vec::new()];
+        let committed = store.commit(group, &mut answers);
+        let mut answers = std::mem::take(&mut answers[0]);
+        answers.sort_by_key(|(t, _)| *t);
+        (answers.into_iter().map(|(_, o)| o).collect(), committed)
+    }
+
+    fn position(o: &Outcome) -> (u64, bool) {
+        match o {
+            Outcome::One { event, duplicate } => (event.position, *duplicate),
+            other => panic!("not a single append: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn duplicates_inside_one_group_get_the_first_position() {
+        let mut f = open("dup", &[]);
+        let (out, committed) = commit(
+            &mut f.store,
+            vec![
+                req(1, AppendKind::One, vec![ev("a", None, None)]),
+                req(2, AppendKind::One, vec![ev("b", None, None)]),
+                req(3, AppendKind::One, vec![ev("a", None, None)]),
+                req(
+                    4,
+                    AppendKind::Batch,
+                    vec![
+                        ev("c", None, None),
+                        ev("c", None, None),
+                        ev("b", None, None),
+                    ],
+                ),
+            ],
+        );
+        assert_eq!(position(&out[0]), (1, false));
+        assert_eq!(position(&out[1]), (2, false));
+        assert_eq!(
+            position(&out[2]),
+            (1, true),
+            "a within the group: its first position"
+        );
+        match &out[3] {
+            Outcome::Batch {
+                saved,
+                duplicates,
+                first_position,
+                last_position,
+            } => {
+                assert_eq!((*saved, *duplicates), (1, 2));
+                assert_eq!((*first_position, *last_position), (2, 3));
+            }
+            o => panic!("{o:?}"),
+        }
+        assert_eq!(
+            committed.iter().map(|e| e.position).collect::<Vec<_>>(),
+            vec![1, 2, 3],
+            "contiguous, each new id once"
+        );
+        // And in a later group: still the original.
+        let (out, committed) = commit(
+            &mut f.store,
+            vec![req(5, AppendKind::One, vec![ev("c", None, None)])],
+        );
+        assert_eq!(position(&out[0]), (3, true));
+        assert!(committed.is_empty());
+        assert_eq!(f.store.index.head().unwrap(), 3);
+    }
+
+    #[test]
+    fn a_version_conflict_refuses_only_its_own_request() {
+        let mut f = open("conflict", &[]);
+        let (out, _) = commit(
+            &mut f.store,
+            vec![
+                req(1, AppendKind::One, vec![ev("a", Some("s"), Some(0))]),
+                // Expects 0 too, but `a` made the stream 1 earlier in this group.
+                req(2, AppendKind::One, vec![ev("b", Some("s"), Some(0))]),
+                req(3, AppendKind::One, vec![ev("c", Some("s"), Some(1))]),
+                // A batch whose second event conflicts: none of it is written.
+                req(
+                    4,
+                    AppendKind::Batch,
+                    vec![ev("d", Some("s"), None), ev("e", Some("s"), Some(9))],
+                ),
+            ],
+        );
+        assert_eq!(position(&out[0]), (1, false));
+        match &out[1] {
+            Outcome::Conflict {
+                stream,
+                expected,
+                current,
+            } => assert_eq!((stream.as_str(), *expected, *current), ("s", 0, 1)),
+            o => panic!("{o:?}"),
+        }
+        assert_eq!(position(&out[2]), (2, false));
+        // Its `current` is the version as its own first event left it.
+        assert!(
+            matches!(
+                &out[3],
+                Outcome::Conflict {
+                    expected: 9,
+                    current: 3,
+                    ..
+                }
+            ),
+            "{:?}",
+            out[3]
+        );
+        assert_eq!(f.store.index.stream_version("s").unwrap(), 2);
+        assert_eq!(f.store.index.head().unwrap(), 2);
+        assert_eq!(
+            f.store.index.position_of("d").unwrap(),
+            None,
+            "nothing of the refused batch"
+        );
+    }
+
+    #[test]
+    fn pruning_keeps_positions_and_stream_versions() {
+        let mut f = open("prune", &[("SHARDCAST_STORAGE_RETAIN_EVENTS", "3")]);
+        for i in 0..6 {
+            let id = format!("e{i}");
+            commit(
+                &mut f.store,
+                vec![req(i, AppendKind::One, vec![ev(&id, Some("s"), None)])],
+            );
+        }
+        // Pruning rides along with commits: the oldest went, the newest 3 stay.
+        assert_eq!(storage::low(&f.store.conn).unwrap(), 4);
+        assert_eq!(f.store.low, 4);
+        assert_eq!(
+            f.store.index.position_of("e0").unwrap(),
+            None,
+            "a pruned id is forgotten"
+        );
+        assert_eq!(f.store.index.position_of("e5").unwrap(), Some(6));
+        // The stream goes on from its version, not from what is left of it.
+        let (out, _) = commit(
+            &mut f.store,
+            vec![req(9, AppendKind::One, vec![ev("n", Some("s"), Some(6))])],
+        );
+        match &out[0] {
+            Outcome::One { event, .. } => {
+                assert_eq!((event.position, event.stream_version), (7, Some(7)))
+            }
+            o => panic!("{o:?}"),
+        }
+        let kept = f.store.index.stream_positions("s", 1, 100).unwrap();
+        assert_eq!(kept, vec![5, 6, 7], "only what SQLite still holds");
+    }
+
+    #[test]
+    fn an_index_behind_sqlite_is_brought_in_step_before_the_next_commit() {
+        let mut f = open("resync", &[]);
+        commit(
+            &mut f.store,
+            vec![req(1, AppendKind::One, vec![ev("a", None, None)])],
+        );
+        // As if the index commit after a SQLite commit had failed: an event
+        // SQLite holds and the index does not know.
+        {
+            let e = Event {
+                position: 2,
+                stream_version: Some(1),
+                new: ev("b", Some("s"), None),
+            };
+            let mut stmt = f.store.conn.prepare_cached(storage::INSERT_EVENT).unwrap();
+            storage::insert(&mut stmt, &e).unwrap();
+        }
+        f.store.head = 2;
+        f.store.index_behind = true;
+        assert_eq!(f.store.index.head().unwrap(), 1);
+        let (out, _) = commit(
+            &mut f.store,
+            vec![
+                req(1, AppendKind::One, vec![ev("b", None, None)]),
+                req(2, AppendKind::One, vec![ev("c", Some("s"), Some(1))]),
+            ],
+        );
+        assert_eq!(position(&out[0]), (2, true), "b is known again");
+        assert_eq!(position(&out[1]), (3, false), "and s is at version 1");
+        assert!(!f.store.index_behind);
+        assert_eq!(f.store.index.head().unwrap(), 3);
     }
 }

@@ -279,7 +279,7 @@ fn admit<'a>(
                 cfg.max_connections
             ),
         );
-        e.retry_after_secs = Some(shard.cfg.writer.retry_after_secs.max(5));
+        e.retry_after_secs = Some(shard.cfg.writer.retry_after_lasting_secs());
         return Err(e);
     }
     if let Some(k) = &key {
@@ -293,7 +293,7 @@ fn admit<'a>(
                     cfg.max_per_key
                 ),
             );
-            e.retry_after_secs = Some(shard.cfg.writer.retry_after_secs.max(5));
+            e.retry_after_secs = Some(shard.cfg.writer.retry_after_lasting_secs());
             return Err(e);
         }
         *f.per_key.borrow_mut().entry(k.clone()).or_insert(0) += 1;
@@ -321,7 +321,7 @@ fn user_full(shard: &Shard) -> ApiError {
             shard.cfg.sse.max_per_user
         ),
     );
-    e.retry_after_secs = Some(shard.cfg.writer.retry_after_secs.max(5));
+    e.retry_after_secs = Some(shard.cfg.writer.retry_after_lasting_secs());
     e
 }
 
@@ -364,7 +364,7 @@ pub fn serve(
                 Err(()) => {
                     let mut e =
                         ApiError::new(503, "shutting_down", "the server is stopping; reconnect");
-                    e.retry_after_secs = Some(shard.cfg.writer.retry_after_secs.max(5));
+                    e.retry_after_secs = Some(shard.cfg.writer.retry_after_lasting_secs());
                     Err(e)
                 }
             },
