@@ -4,7 +4,7 @@
 # and scratch paths swapped in), caddy validate on tuning/Caddyfile, and
 # systemd-analyze verify on tuning/shardcast.service (ExecStart pointed at a
 # built binary). A missing tool is reported and skipped; a failing check exits
-# non-zero. The profiles themselves are checked by `cargo test --test profiles`.
+# non-zero. The profiles themselves are checked by `cargo test --test it profiles::`.
 set -eu
 cd "$(dirname "$0")/.."
 tmp=$(mktemp -d)

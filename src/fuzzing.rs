@@ -1,5 +1,5 @@
 //! Oracles for the fuzz targets (`fuzz/`), shared with the corpus replay
-//! test (`tests/fuzz_corpus.rs`) so a saved input is checked the same way on
+//! test (`tests/it/fuzz_corpus.rs`) so a saved input is checked the same way on
 //! the stable toolchain in every `cargo test`.
 //!
 //! Each function takes arbitrary bytes, runs one parser of untrusted input

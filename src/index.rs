@@ -526,3 +526,104 @@ fn wipe(path: &Path) -> std::io::Result<()> {
     }
     std::fs::create_dir_all(path)
 }
+
+#[cfg(test)]
+mod tests {
+    //! `open_checked` against real SQLite and LMDB files: each way an index
+    //! can disagree with SQLite, and that it agrees afterwards.
+    use super::*;
+    use crate::event::{Event, NewEvent};
+
+    struct Files {
+        dir: std::path::PathBuf,
+        cfg: crate::config::Config,
+    }
+
+    impl Drop for Files {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn files(name: &str) -> Files {
+        let dir =
+            std::env::temp_dir().join(format!("shardcast-index-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut env = std::collections::HashMap::new();
+        env.insert(
+            "SHARDCAST_DATABASE_PATH".to_string(),
+            dir.join("events.db").display().to_string(),
+        );
+        let cfg = crate::config::Config::load(None, &env).unwrap();
+        Files { dir, cfg }
+    }
+
+    fn insert(conn: &Connection, from: u64, to: u64, tag: &str) {
+        let mut stmt = conn.prepare_cached(crate::storage::INSERT_EVENT).unwrap();
+        for p in from..=to {
+            let e = Event {
+                position: p,
+                stream_version: Some(p),
+                new: NewEvent {
+                    id: format!("{tag}-{p}"),
+                    event_type: "t".into(),
+                    data: b"{}".to_vec(),
+                    timestamp: "2026-01-01T00:00:00Z".into(),
+                    stream: Some("s".into()),
+                    expected_version: None,
+                    metadata: None,
+                },
+            };
+            crate::storage::insert(&mut stmt, &e).unwrap();
+        }
+    }
+
+    /// Open, check what was done, and that the index now answers as SQLite.
+    fn check(f: &Files, conn: &Connection, want: &str) -> Index {
+        let (index, recovery) = Index::open_checked(&f.cfg.index, conn).unwrap();
+        let got = match &recovery {
+            Recovery::InStep => "in step".to_string(),
+            Recovery::CaughtUp { from, to } => format!("caught up {from}..{to}"),
+            Recovery::Rebuilt { reason, events } => format!("rebuilt {events}: {reason}"),
+        };
+        assert!(got.starts_with(want), "{got:?} is not {want:?}");
+        let head = crate::storage::head(conn).unwrap();
+        assert_eq!(index.head().unwrap(), head);
+        for p in crate::storage::low(conn).unwrap().max(1)..=head {
+            let id = crate::storage::id_at(conn, p).unwrap().unwrap();
+            assert_eq!(index.position_of(&id).unwrap(), Some(p), "{id}");
+        }
+        assert_eq!(index.stream_version("s").unwrap(), head);
+        index
+    }
+
+    #[test]
+    fn every_disagreement_is_repaired_at_open() {
+        let f = files("recovery");
+        let conn = crate::storage::open_writer(&f.cfg.database).unwrap();
+        // New: nothing to do.
+        check(&f, &conn, "in step").close();
+        // Behind: what SQLite gained while the index did not see it.
+        insert(&conn, 1, 5, "a");
+        check(&f, &conn, "caught up 1..5").close();
+        check(&f, &conn, "in step").close();
+        // Ahead: SQLite lost a tail (a restored backup).
+        conn.execute("DELETE FROM events WHERE position > 3", [])
+            .unwrap();
+        check(&f, &conn, "rebuilt 3: index is ahead").close();
+        // Another history at the same positions.
+        conn.execute("DELETE FROM events", []).unwrap();
+        insert(&conn, 1, 3, "b");
+        let index = check(&f, &conn, "rebuilt 3: event at position 3");
+        assert_eq!(
+            index.position_of("a-1").unwrap(),
+            None,
+            "nothing of the old history"
+        );
+        index.close();
+        // Damaged files.
+        std::fs::write(f.cfg.index.path.join("data.mdb"), b"not an LMDB file").unwrap();
+        check(&f, &conn, "rebuilt 3: unreadable").close();
+    }
+}

@@ -507,3 +507,93 @@ pub fn insert(stmt: &mut rusqlite::CachedStatement<'_>, e: &Event) -> rusqlite::
     ])?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::NewEvent;
+    use crate::filter::{Filter, Pattern};
+
+    fn db(name: &str) -> (std::path::PathBuf, Connection) {
+        let dir =
+            std::env::temp_dir().join(format!("shardcast-storage-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut env = std::collections::HashMap::new();
+        env.insert(
+            "SHARDCAST_DATABASE_PATH".to_string(),
+            dir.join("events.db").display().to_string(),
+        );
+        let cfg = crate::config::Config::load(None, &env).unwrap();
+        let conn = open_writer(&cfg.database).unwrap();
+        (dir, conn)
+    }
+
+    /// Events 1..=n, in stream `other` except those `mine` picks (`user-1`).
+    fn fill(conn: &Connection, n: u64, mine: impl Fn(u64) -> bool) {
+        let tx = conn.unchecked_transaction().unwrap();
+        {
+            let mut stmt = tx.prepare_cached(INSERT_EVENT).unwrap();
+            for p in 1..=n {
+                let e = Event {
+                    position: p,
+                    stream_version: None,
+                    new: NewEvent {
+                        id: format!("e{p}"),
+                        event_type: if p % 2 == 0 { "even" } else { "odd" }.into(),
+                        data: b"{}".to_vec(),
+                        timestamp: "2026-01-01T00:00:00Z".into(),
+                        stream: Some(if mine(p) { "user-1" } else { "other" }.into()),
+                        expected_version: None,
+                        metadata: None,
+                    },
+                };
+                insert(&mut stmt, &e).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+
+    fn positions(page: &Page) -> Vec<u64> {
+        let v: serde_json::Value = serde_json::from_slice(&page.json).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["position"].as_u64().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_scoped_page_skips_what_is_outside_and_says_where_it_stopped() {
+        let (dir, conn) = db("scoped");
+        let n = SCOPED_SCAN_ROWS_MAX as u64 + 10;
+        // Mine: 3, 4, 5, then only the last three rows.
+        fill(&conn, n, |p| (3..=5).contains(&p) || p > n - 3);
+        let scope = Filter {
+            types: Vec::new(),
+            streams: vec![Pattern::Prefix("user-1".into())],
+        };
+        // Cut by the limit: the next page starts after its last event.
+        let p = events_range_json(&conn, 1, u64::MAX, None, 2, Some(&scope)).unwrap();
+        assert_eq!(positions(&p), vec![3, 4]);
+        assert_eq!(p.next_from(2, n), Some(5));
+        // Cut by the row budget, with nothing of its own in it.
+        let p = events_range_json(&conn, 6, u64::MAX, None, 10, Some(&scope)).unwrap();
+        assert_eq!(positions(&p), Vec::<u64>::new());
+        assert!(p.scan_cut);
+        let next = p.next_from(10, n).unwrap();
+        assert_eq!(next, 6 + SCOPED_SCAN_ROWS_MAX as u64);
+        // Followed, the rest.
+        let p = events_range_json(&conn, next, u64::MAX, None, 10, Some(&scope)).unwrap();
+        assert_eq!(positions(&p), vec![n - 2, n - 1, n]);
+        assert_eq!(p.next_from(10, n), None, "the end of the range");
+        // A type filter and a scope together; unscoped reads are unchanged.
+        let p = events_range_json(&conn, 1, 10, Some("odd"), 10, Some(&scope)).unwrap();
+        assert_eq!(positions(&p), vec![3, 5]);
+        let p = events_range_json(&conn, 1, 10, Some("odd"), 10, None).unwrap();
+        assert_eq!(positions(&p), vec![1, 3, 5, 7, 9]);
+        assert!(!p.scan_cut);
+        drop(conn);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

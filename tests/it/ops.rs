@@ -1,8 +1,7 @@
 //! Seeing inside a running server: `/metrics` (Prometheus text that parses,
 //! counters that move with traffic, ebuse's JSON) and `/health` readiness.
 
-mod common;
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -2,8 +2,7 @@
 //! roles on every endpoint, reload on SIGHUP, and one tenant's storage
 //! failing while the others keep working.
 
-mod common;
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -4,8 +4,7 @@
 //! box by the memory formula of docs/tuning.md, and one of them really starts
 //! the server.
 
-mod common;
-use common::*;
+use crate::common::*;
 use shardcast::config::{Config, SlowClient, Synchronous, KEYS};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -141,7 +140,7 @@ fn every_profile_loads_has_every_key_and_fits_its_box() {
 /// The formula's worked examples in docs/tuning.md are these numbers.
 #[test]
 fn worked_examples_in_the_docs_match_the_formula() {
-    let docs = include_str!("../docs/tuning.md");
+    let docs = include_str!("../../docs/tuning.md");
     for name in ["small", "medium", "large"] {
         let mib = peak_anon_bytes(&load(name)) / MIB;
         assert!(

@@ -2,8 +2,7 @@
 //! write load and a restore from it, `check` on good, stale and damaged
 //! files, `config` showing where values come from, `--version`.
 
-mod common;
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Command, Output};

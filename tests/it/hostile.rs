@@ -3,8 +3,7 @@
 //! exactly the input that once crashed, confused or leaked, to a started
 //! server over a real socket, and checks the server is still up and right.
 
-mod common;
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::TcpStream;

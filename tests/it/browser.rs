@@ -15,8 +15,7 @@
 //! Ignored where Chromium is not installed, except under CI (`.ci/run`
 //! installs it), where it fails instead.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::process::{Command, Stdio};

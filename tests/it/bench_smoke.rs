@@ -10,7 +10,6 @@
 //! nginx and nchan comparisons likewise: printed and checked when those are
 //! installed (always under CI), the script's "not installed" note otherwise.
 
-mod common;
 use std::collections::HashMap;
 use std::process::Command;
 
@@ -40,7 +39,7 @@ fn run_script(needs: &[&str], script: &str, env: &[(&str, &str)]) -> String {
     }
     let out = Command::new("bash")
         .arg(format!("{}/scripts/{script}", env!("CARGO_MANIFEST_DIR")))
-        .env("SHARDCAST_BIN", common::BIN)
+        .env("SHARDCAST_BIN", crate::common::BIN)
         .envs(env.iter().copied())
         .output()
         .unwrap_or_else(|e| panic!("run scripts/{script}: {e}"));

@@ -8,8 +8,7 @@
 //! here from its published schema (internal/store/sqlite.go), as its SQLite
 //! drivers write it.
 
-mod common;
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use sha2::Digest;
 use std::path::Path;

@@ -3,8 +3,7 @@
 //! across shards, expiry and a gap-free reconnect, public keys, rotation,
 //! multi-tenant tokens, `shardcast token`, and the token kept out of logs.
 
-mod common;
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use shardcast::token::{mint, signing_key, Mint};
 use std::time::{Duration, Instant};

@@ -3,8 +3,7 @@
 //! proxies, memory under 50,000 distinct addresses), the connection cap (503),
 //! running out of file descriptors, and slow-header (slowloris) clients.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};

@@ -4,8 +4,7 @@
 //! quiet type stays connected through heavy traffic of other types and gets
 //! its next event promptly; bad patterns are refused.
 
-mod common;
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

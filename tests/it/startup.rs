@@ -1,8 +1,7 @@
 //! Starting the server: embedded defaults, config file and environment, and the
 //! clear one-line refusals for bad configuration.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::process::Stdio;
 
 fn run_expecting_failure(

@@ -1,8 +1,7 @@
 //! Reading back, as ebuse's Go client does it: `Load` (GET /events),
 //! `SaveSubscriptionPosition` and `LoadSubscriptionPosition`.
 
-mod common;
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 

@@ -2,8 +2,7 @@
 //! header and the query, filters, the catch-up → live handoff under concurrent
 //! publishing, slow clients, caps, heartbeats and auth.
 
-mod common;
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -1,8 +1,7 @@
 //! The ingestion API as ebuse's users and Go client see it, plus shardcast's
 //! additions: idempotent ids, stream versions, batch atomicity, auth.
 
-mod common;
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 const KEY: &str = "test-key-0123456789";

@@ -2,8 +2,7 @@
 //! survive `kill -9`; the LMDB index is repaired or rebuilt from SQLite when it
 //! is missing or disagrees; SIGTERM drains and exits 0.
 
-mod common;
-use common::*;
+use crate::common::*;
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

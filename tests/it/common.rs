@@ -136,7 +136,7 @@ impl Server {
             .env("PORT", "0")
             .env("DB_PATH", dir.join("events.db"))
             .env("SHARDCAST_SERVER_SHUTDOWN_TIMEOUT", "10s")
-            // Tests send many requests from one address; tests/admission.rs
+            // Tests send many requests from one address; tests/it/admission.rs
             // turns the rate limit back on (RATE_LIMIT or SHARDCAST_RATE_LIMIT_*).
             .env("RATE_LIMIT", "0")
             .env("RUST_LOG", "info");

@@ -7,8 +7,7 @@
 //! two runs that are compared then change nothing, and every answer
 //! (positions, timestamps, `duplicate`) is the same both ways.
 
-mod common;
-use common::*;
+use crate::common::*;
 use proptest::prelude::*;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};

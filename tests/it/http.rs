@@ -1,8 +1,7 @@
 //! HTTP/1.1 behaviour of a started server: keep-alive, pipelining,
 //! `Connection: close`, every protocol-level error status, and timeouts.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::time::Duration;
 
 const EVENT: &str = r#"{"type":"t","data":{"k":1}}"#;
