@@ -792,12 +792,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
             })
         };
         let body_len = head.content_length.unwrap_or(0);
-        let route::Resolved {
-            route,
-            tenant,
-            grant,
-            subscriber_key,
-        } = match resolved {
+        let resolved = match resolved {
             Ok(r) => r,
             Err(answer) => {
                 // Its body is read and dropped, so the next request on the
@@ -846,101 +841,6 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
             }
         };
 
-        // A replay of any length, streamed; the connection stays usable after it.
-        if route == route::Route::Stream {
-            shard.metrics.request(
-                route.metric_index(),
-                200,
-                request_started.elapsed().as_micros() as u64,
-            );
-            let query = std::str::from_utf8(&rb.pending()[head.query.clone()])
-                .unwrap_or("")
-                .to_string();
-            rb.consume(head.head_len);
-            if flush(&mut stream, &mut out).await.is_err() {
-                return;
-            }
-            let is_head = head.method == Method::Head;
-            let Some(tenant) = tenant.as_deref() else {
-                return;
-            };
-            // Boxed: its state would otherwise enlarge every connection's
-            // task (see `route::handle`).
-            match Box::pin(crate::replay::serve(
-                tenant,
-                &mut stream,
-                &query,
-                grant.as_ref(),
-                keep_alive,
-                cors.as_deref(),
-                is_head,
-            ))
-            .await
-            {
-                Ok(true) if keep_alive => continue,
-                Ok(_) | Err(_) => return,
-            }
-        }
-
-        // SSE: the connection becomes a subscription; the request buffer goes.
-        if route == route::Route::Subscribe {
-            let pending = rb.pending();
-            let query = std::str::from_utf8(&pending[head.query.clone()]).unwrap_or("");
-            let last_id = head
-                .last_event_id
-                .clone()
-                .map(|r| String::from_utf8_lossy(&pending[r]).into_owned());
-            let parsed = crate::sse::subscription(query, last_id.as_deref(), subscriber_key, grant);
-            shard.metrics.request(
-                route.metric_index(),
-                parsed.as_ref().map_or_else(|e| e.status, |_| 200),
-                request_started.elapsed().as_micros() as u64,
-            );
-            match parsed {
-                Ok(mut sub) => {
-                    sub.cors = cors;
-                    if flush(&mut stream, &mut out).await.is_err() {
-                        return;
-                    }
-                    drop(rb);
-                    drop(out);
-                    drop(registration);
-                    // A task of its own: this request's state (buffers, the
-                    // request future) is freed now, not held for the
-                    // subscription's lifetime.
-                    let Some(tenant) = tenant else {
-                        return;
-                    };
-                    // The subscription keeps the connection's place until it
-                    // ends: the permit goes into its task, as an argument (an
-                    // `async { fut.await; drop(permit) }` wrapper would hold
-                    // the subscription's state twice: measured 1,744 bytes
-                    // instead of 864 per subscriber). It runs in the shard's
-                    // SSE task queue, so a fan-out round never holds up the
-                    // connections' requests for longer than a poll interval.
-                    let fut = crate::sse::serve(shard.clone(), tenant, stream, sub, permit);
-                    tracing::trace!(
-                        bytes = std::mem::size_of_val(&fut),
-                        stream = std::mem::size_of::<TcpStream>(),
-                        "SSE task state"
-                    );
-                    if let Ok(task) = glommio::spawn_local_into(fut, shard.sse_tasks) {
-                        task.detach();
-                    }
-                    return;
-                }
-                Err(e) => {
-                    e.write(&mut out, keep_alive, cors.as_deref());
-                    if !keep_alive {
-                        let _ = flush(&mut stream, &mut out).await;
-                        return;
-                    }
-                    rb.consume(head.head_len);
-                    continue;
-                }
-            }
-        }
-
         // 3. The body.
         if head.expect_continue
             && (body_len > 0 || head.chunked)
@@ -974,16 +874,78 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
             return;
         };
 
-        // 4. Answer.
+        // 4. Answer: a response, or the connection handed on.
+        let route = resolved.route;
         let req = &rb.buf[rb.start..rb.start + head.head_len + body_len];
-        let answer =
-            route::handle(&shard, tenant.as_deref(), grant.as_ref(), route, &head, req).await;
-        shard.metrics.request(
-            route.metric_index(),
-            answer.status,
-            request_started.elapsed().as_micros() as u64,
-        );
+        let reply = route::handle(&shard, resolved, &head, req).await;
+        let micros = request_started.elapsed().as_micros() as u64;
         let is_head = head.method == Method::Head;
+        let answer = match reply {
+            route::Reply::Answer(a) => a,
+            route::Reply::Replay {
+                tenant,
+                query,
+                grant,
+            } => {
+                // A replay of any length, streamed; the connection stays
+                // usable after it.
+                shard.metrics.request(route.metric_index(), 200, micros);
+                rb.consume(head.head_len + body_len);
+                if flush(&mut stream, &mut out).await.is_err() {
+                    return;
+                }
+                // Boxed: its state would otherwise enlarge every
+                // connection's task (see `route::handle`).
+                let replay = Box::pin(crate::replay::serve(
+                    &tenant,
+                    &mut stream,
+                    &query,
+                    grant.as_ref(),
+                    keep_alive,
+                    cors.as_deref(),
+                    is_head,
+                ));
+                match replay.await {
+                    Ok(true) if keep_alive => continue,
+                    Ok(_) | Err(_) => return,
+                }
+            }
+            route::Reply::Subscribe {
+                tenant,
+                mut subscription,
+            } => {
+                // The connection becomes a subscription; the request buffer goes.
+                shard.metrics.request(route.metric_index(), 200, micros);
+                subscription.cors = cors;
+                if flush(&mut stream, &mut out).await.is_err() {
+                    return;
+                }
+                drop(rb);
+                drop(out);
+                drop(registration);
+                // A task of its own: this request's state (buffers, the
+                // request future) is freed now, not held for the
+                // subscription's lifetime. The permit goes into its task, as
+                // an argument (an `async { fut.await; drop(permit) }` wrapper
+                // would hold the subscription's state twice: measured 1,744
+                // bytes instead of 864 per subscriber). It runs in the
+                // shard's SSE task queue, so a fan-out round never holds up
+                // the connections' requests for longer than a poll interval.
+                let fut = crate::sse::serve(shard.clone(), tenant, stream, subscription, permit);
+                tracing::trace!(
+                    bytes = std::mem::size_of_val(&fut),
+                    stream = std::mem::size_of::<TcpStream>(),
+                    "SSE task state"
+                );
+                if let Ok(task) = glommio::spawn_local_into(fut, shard.sse_tasks) {
+                    task.detach();
+                }
+                return;
+            }
+        };
+        shard
+            .metrics
+            .request(route.metric_index(), answer.status, micros);
         answer.write(&mut out, keep_alive, is_head, cors.as_deref());
         rb.consume(head.head_len + body_len);
         if answer.close || !keep_alive {

@@ -11,9 +11,21 @@ use crate::token::Grant;
 use crate::writer::{AppendKind, Outcome};
 use std::rc::Rc;
 
+/// Which endpoint a request is for, decided from its method and path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
     Health,
+    /// `GET /tenants`: the admin key only.
+    Tenants,
+    /// `GET /metrics`: Prometheus text, or ebuse's JSON.
+    Metrics,
+    /// Everything else: one tenant's data.
+    On(TenantRoute),
+}
+
+/// The endpoints on a tenant's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TenantRoute {
     Position,
     AppendOne,
     AppendBatch,
@@ -30,10 +42,6 @@ pub enum Route {
     ConsumerGet,
     /// `POST|PUT /subscriptions/{id}/position`
     ConsumerSet,
-    /// `GET /tenants`: the admin key only.
-    Tenants,
-    /// `GET /metrics`: Prometheus text, or ebuse's JSON.
-    Metrics,
 }
 
 impl Route {
@@ -41,15 +49,15 @@ impl Route {
     pub fn metric_index(self) -> usize {
         match self {
             Route::Health => 0,
-            Route::Position => 1,
-            Route::AppendOne => 2,
-            Route::AppendBatch => 3,
-            Route::Subscribe => 4,
-            Route::Load => 5,
-            Route::Stream => 6,
-            Route::StreamRead => 7,
-            Route::ConsumerGet => 8,
-            Route::ConsumerSet => 9,
+            Route::On(TenantRoute::Position) => 1,
+            Route::On(TenantRoute::AppendOne) => 2,
+            Route::On(TenantRoute::AppendBatch) => 3,
+            Route::On(TenantRoute::Subscribe) => 4,
+            Route::On(TenantRoute::Load) => 5,
+            Route::On(TenantRoute::Stream) => 6,
+            Route::On(TenantRoute::StreamRead) => 7,
+            Route::On(TenantRoute::ConsumerGet) => 8,
+            Route::On(TenantRoute::ConsumerSet) => 9,
             Route::Tenants => 10,
             Route::Metrics => 11,
         }
@@ -58,7 +66,8 @@ impl Route {
     /// What the caller's key must allow.
     fn needs(self) -> Access {
         match self {
-            Route::AppendOne | Route::AppendBatch | Route::ConsumerSet => Access::WRITE,
+            Route::On(TenantRoute::AppendOne | TenantRoute::AppendBatch)
+            | Route::On(TenantRoute::ConsumerSet) => Access::WRITE,
             Route::Tenants => Access::ADMIN,
             Route::Metrics => Access::READ,
             _ => Access::READ,
@@ -68,7 +77,8 @@ impl Route {
     fn needs_body(self) -> bool {
         matches!(
             self,
-            Route::AppendOne | Route::AppendBatch | Route::ConsumerSet
+            Route::On(TenantRoute::AppendOne | TenantRoute::AppendBatch)
+                | Route::On(TenantRoute::ConsumerSet)
         )
     }
 }
@@ -186,20 +196,57 @@ fn whole_range(query: &[u8]) -> bool {
 
 /// A request's route and who it is, decided once from its head.
 pub struct Resolved {
+    /// For metrics and the body checks.
     pub route: Route,
-    /// None for `/health`, and for the admin key on `/tenants`, `/metrics`.
-    pub tenant: Option<Rc<Tenant>>,
+    pub target: Target,
+}
+
+/// What a resolved request is for: the server's own endpoints, or one
+/// tenant's data (every route but these three), so a handler of a tenant's
+/// route always has its tenant.
+pub enum Target {
+    Health,
+    /// The admin key listing tenants.
+    Tenants,
+    /// All tenants' series (the admin key, an open server), or one tenant's.
+    Metrics(Option<Rc<Tenant>>),
+    Tenant(On),
+}
+
+/// A request on one tenant's data, and how it was authorized.
+pub struct On {
+    pub route: TenantRoute,
+    pub tenant: Rc<Tenant>,
     /// When it came with a subscription token: what the token allows.
     pub grant: Option<Grant>,
     /// A subscription's API key, for `sse.max_per_key`.
     pub subscriber_key: Option<Box<[u8]>>,
 }
 
+/// What a handler answers: a response the connection loop writes, or the
+/// connection handed on to an answer of its own.
+pub enum Reply {
+    Answer(Response),
+    /// A replay of any length, a page at a time (`replay`); the connection
+    /// serves further requests after it.
+    Replay {
+        tenant: Rc<Tenant>,
+        query: String,
+        grant: Option<Grant>,
+    },
+    /// The connection becomes a live subscription (`sse`).
+    Subscribe {
+        tenant: Rc<Tenant>,
+        subscription: crate::sse::Subscription,
+    },
+}
+
 /// The routes a subscription token may use: subscribing and reading.
 fn token_may(route: Route) -> bool {
     matches!(
         route,
-        Route::Subscribe | Route::Load | Route::Stream | Route::StreamRead
+        Route::On(TenantRoute::Subscribe | TenantRoute::Load)
+            | Route::On(TenantRoute::Stream | TenantRoute::StreamRead)
     )
 }
 
@@ -255,25 +302,27 @@ pub fn resolve(
         "/health" => get(Route::Health)?,
         "/tenants" => get(Route::Tenants)?,
         "/metrics" => get(Route::Metrics)?,
-        "/position" => get(Route::Position)?,
+        "/position" => get(Route::On(TenantRoute::Position))?,
         "/events" => match m {
-            Method::Post => Route::AppendOne,
+            Method::Post => Route::On(TenantRoute::AppendOne),
             // ebuse answers a range (`to`, no `limit`) whole, however long
             // (its client's `Load(1, 15000)`): streamed, as `/events/stream`.
-            Method::Get | Method::Head if whole_range(&buf[head.query.clone()]) => Route::Stream,
-            Method::Get | Method::Head => Route::Load,
+            Method::Get | Method::Head if whole_range(&buf[head.query.clone()]) => {
+                Route::On(TenantRoute::Stream)
+            }
+            Method::Get | Method::Head => Route::On(TenantRoute::Load),
             _ => return Err(method_not_allowed("GET, HEAD, POST")),
         },
-        "/events/batch" => post(Route::AppendBatch)?,
-        "/events/stream" => get(Route::Stream)?,
+        "/events/batch" => post(Route::On(TenantRoute::AppendBatch))?,
+        "/events/stream" => get(Route::On(TenantRoute::Stream))?,
         "/events/subscribe" => match m {
-            Method::Get => Route::Subscribe,
+            Method::Get => Route::On(TenantRoute::Subscribe),
             _ => return Err(method_not_allowed("GET")),
         },
-        p if stream_name(p).is_some() => get(Route::StreamRead)?,
+        p if stream_name(p).is_some() => get(Route::On(TenantRoute::StreamRead))?,
         p if consumer_id(p).is_some() => match m {
-            Method::Get | Method::Head => Route::ConsumerGet,
-            Method::Post | Method::Put => Route::ConsumerSet,
+            Method::Get | Method::Head => Route::On(TenantRoute::ConsumerGet),
+            Method::Post | Method::Put => Route::On(TenantRoute::ConsumerSet),
             _ => return Err(method_not_allowed("GET, HEAD, POST, PUT")),
         },
         _ => {
@@ -320,7 +369,7 @@ pub fn resolve(
         ));
     } else {
         let given = presented_key(shard, head, query, buf)?.unwrap_or_default();
-        if route == Route::Subscribe && !given.is_empty() {
+        if route == Route::On(TenantRoute::Subscribe) && !given.is_empty() {
             subscriber_key = Some(given.as_ref().into());
         }
         let forbidden = |msg: &str| ApiError::new(403, "forbidden", msg);
@@ -382,8 +431,10 @@ pub fn resolve(
         // Any Content-Type (`curl -d` sends a form type): the body must be
         // JSON whatever it says, and is refused with 400 when it is not.
     } else if head.chunked
-        || (matches!(route, Route::Subscribe | Route::Stream)
-            && head.content_length.unwrap_or(0) > 0)
+        || (matches!(
+            route,
+            Route::On(TenantRoute::Subscribe | TenantRoute::Stream)
+        ) && head.content_length.unwrap_or(0) > 0)
     {
         // A chunked body where no endpoint reads one, or any body on the
         // streaming endpoints (they answer with a stream, not through
@@ -395,12 +446,27 @@ pub fn resolve(
             "this endpoint takes no request body",
         ));
     }
-    Ok(Resolved {
-        route,
-        tenant,
-        grant,
-        subscriber_key,
-    })
+    let target = match (route, tenant) {
+        (Route::Health, _) => Target::Health,
+        (Route::Tenants, _) => Target::Tenants,
+        (Route::Metrics, t) => Target::Metrics(t),
+        (Route::On(route), Some(tenant)) => Target::Tenant(On {
+            route,
+            tenant,
+            grant,
+            subscriber_key,
+        }),
+        // Every caller but the admin key has a tenant, and the admin key
+        // was refused above on anything but /tenants and /metrics.
+        (Route::On(_), None) => {
+            return Err(ApiError::new(
+                403,
+                "forbidden",
+                "the admin key holds no tenant's events: use a tenant's key",
+            ))
+        }
+    };
+    Ok(Resolved { route, target })
 }
 
 fn unavailable(shard: &Shard, why: &str) -> ApiError {
@@ -449,44 +515,89 @@ impl Req<'_> {
 /// The answer to one request (`http` writes it, HEAD or not).
 pub async fn handle(
     shard: &Rc<Shard>,
-    tenant: Option<&Tenant>,
-    grant: Option<&Grant>,
-    route: Route,
+    resolved: Resolved,
     head: &RequestHead,
     raw: &[u8],
-) -> Response {
-    let r = &Req {
+) -> Reply {
+    let on = match resolved.target {
+        Target::Tenant(on) => on,
+        // Boxed (as the reads below): the state of their awaits (scrapes,
+        // the writer's readiness) would otherwise sit in every connection's task.
+        Target::Health => return answer(Box::pin(health(&req(shard, head, raw, None))).await),
+        Target::Tenants => return answer(tenants(&req(shard, head, raw, None))),
+        Target::Metrics(t) => {
+            let r = req(shard, head, raw, None);
+            return answer(Box::pin(metrics(&r, t.as_deref())).await);
+        }
+    };
+    let On {
+        route,
+        tenant,
+        grant,
+        subscriber_key,
+    } = on;
+    let t = &*tenant;
+    let r = &req(shard, head, raw, grant.as_ref());
+    // Reads are boxed: the state of their awaits (reader jobs) would
+    // otherwise sit in every connection's task whatever it is doing
+    // (handler state 592 → 216 bytes). Appends and LMDB lookups, the hot
+    // path, stay unboxed.
+    let result = match route {
+        TenantRoute::Position => position(t),
+        TenantRoute::Load => Box::pin(load(r, t)).await,
+        TenantRoute::StreamRead => Box::pin(stream_read(r, t)).await,
+        TenantRoute::ConsumerGet => consumer_get(r, t),
+        TenantRoute::ConsumerSet => consumer_set(r, t).await,
+        TenantRoute::AppendOne => append(r, t, AppendKind::One).await,
+        TenantRoute::AppendBatch => append(r, t, AppendKind::Batch).await,
+        // The two that hand the connection on (the grant is copied: once per
+        // replay or subscription, a few small allocations).
+        TenantRoute::Stream => {
+            return Reply::Replay {
+                tenant: tenant.clone(),
+                query: r.query().0.to_string(),
+                grant: grant.clone(),
+            }
+        }
+        TenantRoute::Subscribe => {
+            let last_id = head
+                .last_event_id
+                .clone()
+                .map(|range| String::from_utf8_lossy(&raw[range]).into_owned());
+            let sub = crate::sse::subscription(
+                r.query().0,
+                last_id.as_deref(),
+                subscriber_key,
+                grant.clone(),
+            );
+            return match sub {
+                Ok(subscription) => Reply::Subscribe {
+                    tenant: tenant.clone(),
+                    subscription,
+                },
+                Err(e) => Reply::Answer(e.into_response()),
+            };
+        }
+    };
+    answer(result)
+}
+
+fn answer(result: Result<Response, ApiError>) -> Reply {
+    Reply::Answer(result.unwrap_or_else(ApiError::into_response))
+}
+
+fn req<'a>(
+    shard: &'a Rc<Shard>,
+    head: &'a RequestHead,
+    raw: &'a [u8],
+    grant: Option<&'a Grant>,
+) -> Req<'a> {
+    Req {
         shard,
         head,
         raw,
         grant,
-    };
-    // Reads and the operator's endpoints are boxed: the state of their
-    // awaits (reader jobs, scrapes) would otherwise sit in every
-    // connection's task whatever it is doing (handler state 592 → 216
-    // bytes). Appends and LMDB lookups, the hot path, stay unboxed.
-    let result = match (route, tenant) {
-        (Route::Health, _) => Box::pin(health(r)).await,
-        (Route::Tenants, _) => tenants(r),
-        (Route::Metrics, t) => Box::pin(metrics(r, t)).await,
-        (Route::Position, Some(t)) => position(t),
-        (Route::Load, Some(t)) => Box::pin(load(r, t)).await,
-        (Route::StreamRead, Some(t)) => Box::pin(stream_read(r, t)).await,
-        (Route::ConsumerGet, Some(t)) => consumer_get(r, t),
-        (Route::ConsumerSet, Some(t)) => consumer_set(r, t).await,
-        (Route::AppendOne | Route::AppendBatch, Some(t)) => append(r, t, route).await,
-        (Route::Subscribe | Route::Stream, _) => Err(ApiError::new(
-            500,
-            "internal",
-            "subscriptions and replays write their own answers",
-        )),
-        (_, None) => Err(ApiError::new(
-            500,
-            "internal",
-            "a tenant endpoint reached without a tenant",
-        )),
-    };
-    result.unwrap_or_else(ApiError::into_response)
+    }
 }
 
 /// A 200 with a JSON body.
@@ -692,22 +803,16 @@ fn position(tenant: &Tenant) -> Result<Response, ApiError> {
     json_ok(body)
 }
 
-async fn append(r: &Req<'_>, tenant: &Tenant, route: Route) -> Result<Response, ApiError> {
+async fn append(r: &Req<'_>, tenant: &Tenant, kind: AppendKind) -> Result<Response, ApiError> {
     let Req {
         shard, raw, head, ..
     } = *r;
     let body = &raw[head.head_len..];
-    let (kind, parsed) = {
+    let parsed = {
         let mut stamp = shard.stamp.borrow_mut();
-        match route {
-            Route::AppendOne => (
-                AppendKind::One,
-                event::parse_one(body, &mut stamp).map(|e| vec![e]),
-            ),
-            _ => (
-                AppendKind::Batch,
-                event::parse_batch(body, shard.cfg.api.batch_events_max, &mut stamp),
-            ),
+        match kind {
+            AppendKind::One => event::parse_one(body, &mut stamp).map(|e| vec![e]),
+            _ => event::parse_batch(body, shard.cfg.api.batch_events_max, &mut stamp),
         }
     };
     let events = parsed.map_err(bad_request)?;
