@@ -230,8 +230,12 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: glommio::net::TcpListener) 
         match listener.accept().await {
             Ok(stream) => match admission.admit() {
                 Some(permit) => {
-                    glommio::spawn_local(crate::http::serve(shard.clone(), stream, permit))
-                        .detach();
+                    glommio::spawn_local(crate::server::connection::serve(
+                        shard.clone(),
+                        stream,
+                        permit,
+                    ))
+                    .detach();
                 }
                 None => admission.refuse(shard.id, stream.as_raw_fd()),
             },

@@ -75,26 +75,12 @@ pub struct Config {
     pub sse: SseConfig,
     pub storage: StorageConfig,
     /// `[[tenants]]` from the config file (a tenants file, if named, wins).
-    pub tenants: Vec<crate::tenant::RawTenant>,
+    pub tenants: Vec<RawTenant>,
     pub rate_limit: RateLimitConfig,
 }
 
-/// Per-client request rate limit (see `ratelimit`), enforced by each shard alone.
-#[derive(Debug, Clone)]
-pub struct RateLimitConfig {
-    /// Sustained requests per second per client address; 0: no rate limit.
-    pub per_second: f64,
-    /// Requests a client may make at once after being idle (the bucket's size).
-    pub burst: u32,
-    /// Client addresses each shard tracks at most; beyond, new clients share one bucket.
-    pub max_tracked_addresses: usize,
-}
-
-impl RateLimitConfig {
-    pub fn enabled(&self) -> bool {
-        self.per_second > 0.0
-    }
-}
+/// Per-client request rate limit, declared by the limiter it configures.
+pub use crate::ratelimit::RateLimitConfig;
 
 #[derive(Debug, Clone)]
 pub struct StorageConfig {
@@ -244,6 +230,38 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
+/// One key of a tenant, as written in a tenants file. (Unknown fields: a
+/// tenants.yaml may carry ebuse's and others' freely, a warning each; a TOML
+/// config refuses them, `config::raw_from_toml`.)
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct RawKey {
+    pub key: Option<String>,
+    pub key_sha256: Option<String>,
+    /// read, write, read_write or admin (default admin).
+    pub role: Option<String>,
+}
+
+/// One tenant, as written in `tenants.yaml` or `[[tenants]]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct RawTenant {
+    pub name: String,
+    /// ebuse's field: this tenant's all-powerful key.
+    pub api_key: Option<String>,
+    /// The same key given as its SHA-256 digest (hex), so the file holds no secret.
+    pub api_key_sha256: Option<String>,
+    /// More keys, each with a role.
+    #[serde(default)]
+    pub keys: Vec<RawKey>,
+    /// Size cap of this tenant's database (0: `storage.max_database_bytes`).
+    pub max_database_bytes: Option<u64>,
+    /// HS256 secret that verifies this tenant's subscription tokens.
+    pub token_secret: Option<String>,
+    /// The secret before a rotation, accepted beside `token_secret`.
+    pub token_secret_previous: Option<String>,
+    /// PEM public key(s), or a PEM file's path, for RS256/ES256 tokens.
+    pub token_public_key: Option<String>,
+}
+
 // ---------------------------------------------------------------------------
 // Raw shape: what the TOML file and the environment may say.
 
@@ -269,7 +287,7 @@ pub struct RawConfig {
     #[serde(default)]
     pub storage: RawStorage,
     #[serde(default)]
-    pub tenants: Vec<crate::tenant::RawTenant>,
+    pub tenants: Vec<RawTenant>,
     #[serde(default)]
     pub rate_limit: RawRateLimit,
 }

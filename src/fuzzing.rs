@@ -206,7 +206,7 @@ pub fn query(data: &[u8]) {
         }
         assert_eq!(s.key.as_deref(), k);
     }
-    let query = crate::route::Query(q);
+    let query = crate::http::query::Query(q);
     for name in [
         "from",
         "to",
@@ -222,7 +222,7 @@ pub fn query(data: &[u8]) {
         let _ = query.number(name, 0);
     }
     // Decoding never grows a value, and text without escapes is itself.
-    let d = crate::sse::decode_query_value(q);
+    let d = crate::http::query::decode_query_value(q);
     assert!(d.len() <= q.len());
     if !q.contains(['%', '+']) {
         assert_eq!(d, q);

@@ -353,7 +353,7 @@ impl Reader for Http {
         for id in &self.subscriptions {
             let path = format!(
                 "/subscriptions/{}/position",
-                crate::route::percent_encode(id)
+                crate::http::query::percent_encode(id)
             );
             out.push((id.clone(), self.position(&path)?));
         }

@@ -30,12 +30,28 @@
 //! be free for it to multiply). `X-Forwarded-For` is believed only from peers in
 //! `server.trusted_proxies`; see [`forwarded_client`].
 
-use crate::config::RateLimitConfig;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
+
+/// Per-client request rate limit (`[rate_limit]` in the config), enforced by each shard alone.
+#[derive(Debug, Clone)]
+pub struct RateLimitConfig {
+    /// Sustained requests per second per client address; 0: no rate limit.
+    pub per_second: f64,
+    /// Requests a client may make at once after being idle (the bucket's size).
+    pub burst: u32,
+    /// Client addresses each shard tracks at most; beyond, new clients share one bucket.
+    pub max_tracked_addresses: usize,
+}
+
+impl RateLimitConfig {
+    pub fn enabled(&self) -> bool {
+        self.per_second > 0.0
+    }
+}
 
 /// How often each shard drops the buckets that have refilled.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);

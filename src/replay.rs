@@ -147,7 +147,7 @@ struct Params {
 }
 
 fn parse(query: &str) -> Result<Params, ApiError> {
-    let q = crate::route::Query(query);
+    let q = crate::http::query::Query(query);
     Ok(Params {
         from: q.number("from", 0)?,
         to: match q.get("to").as_deref() {

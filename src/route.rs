@@ -4,6 +4,7 @@
 //! `WriterClient` and are answered only after their commit.
 
 use crate::event::{self, encode_event};
+use crate::http::query::{invalid, percent_encode, Query};
 use crate::http::{ApiError, Body, Method, RequestHead, Response};
 use crate::shard::{Caller, Shard, Submit, Tenant};
 use crate::tenant::Access;
@@ -121,7 +122,7 @@ pub fn presented_key<'a>(
 ) -> Result<Option<std::borrow::Cow<'a, [u8]>>, ApiError> {
     use std::borrow::Cow;
     let in_query = (buf[head.path.clone()] == *b"/events/subscribe")
-        .then(|| crate::sse::query_param(query, "api_key"))
+        .then(|| crate::http::query::query_param(query, "api_key"))
         .flatten();
     let differ = match (&head.api_key, &in_query) {
         (Some(r), Some(q)) => buf[r.clone()] != *q.as_bytes(),
@@ -166,7 +167,7 @@ pub fn stream_name(path: &str) -> Option<String> {
     if raw.is_empty() || raw.contains('/') {
         return None;
     }
-    let name = crate::sse::decode_query_value(&raw.replace('+', "%2B"));
+    let name = crate::http::query::decode_query_value(&raw.replace('+', "%2B"));
     (!name.is_empty() && name.len() <= crate::limits::STREAM_NAME_BYTES_MAX).then_some(name)
 }
 
@@ -181,7 +182,7 @@ pub fn consumer_id(path: &str) -> Option<String> {
     if raw.is_empty() || raw.contains('/') {
         return None;
     }
-    let id = crate::sse::decode_query_value(&raw.replace('+', "%2B"));
+    let id = crate::http::query::decode_query_value(&raw.replace('+', "%2B"));
     (!id.is_empty() && id.len() <= CONSUMER_ID_BYTES_MAX).then_some(id)
 }
 
@@ -260,14 +261,14 @@ fn presented_token(
     buf: &[u8],
 ) -> Result<Option<String>, ApiError> {
     let in_query = if query.contains("token=") {
-        crate::sse::query_param(query, "token").filter(|t| !t.is_empty())
+        crate::http::query::query_param(query, "token").filter(|t| !t.is_empty())
     } else {
         None
     };
     let header = head.api_key.as_ref().map(|r| &buf[r.clone()]);
     let bearer = header.filter(|h| shard.is_token(h));
     let key_in_query = query.contains("api_key=")
-        && crate::sse::query_param(query, "api_key").is_some_and(|k| !k.is_empty());
+        && crate::http::query::query_param(query, "api_key").is_some_and(|k| !k.is_empty());
     let ambiguous = match (&in_query, header) {
         (Some(q), Some(h)) => q.as_bytes() != h,
         _ => false,
@@ -870,47 +871,6 @@ fn path_of<'a>(head: &RequestHead, req: &'a [u8]) -> &'a str {
     std::str::from_utf8(&req[head.path.clone()]).unwrap_or("")
 }
 
-pub fn invalid(name: &str, v: &str, what: &str) -> ApiError {
-    ApiError::new(
-        400,
-        "invalid_parameter",
-        format!("'{name}' must be {what}, not {v:?}"),
-    )
-}
-
-/// A request's query string, read the way every read endpoint reads it:
-/// percent-decoded, empty values as absent, 400 `invalid_parameter` for a
-/// value that is not what the name needs.
-pub struct Query<'a>(pub &'a str);
-
-impl Query<'_> {
-    pub fn get(&self, name: &str) -> Option<String> {
-        crate::sse::query_param(self.0, name).filter(|v| !v.is_empty())
-    }
-
-    /// A whole number ≥ 0 (a position or a version), or `default`.
-    pub fn number(&self, name: &str, default: u64) -> Result<u64, ApiError> {
-        match self.get(name) {
-            None => Ok(default),
-            Some(v) => v
-                .trim()
-                .parse::<u64>()
-                .map_err(|_| invalid(name, &v, "a whole number ≥ 0")),
-        }
-    }
-
-    /// A count in `1..=max`, or `default`.
-    pub fn count(&self, name: &str, default: usize, max: usize) -> Result<usize, ApiError> {
-        match self.get(name) {
-            None => Ok(default),
-            Some(v) => match v.trim().parse::<usize>() {
-                Ok(n) if (1..=max).contains(&n) => Ok(n),
-                _ => Err(invalid(name, &v, &format!("between 1 and {max}"))),
-            },
-        }
-    }
-}
-
 /// Most events one `GET /events` returns (ebuse's limit).
 const LOAD_EVENTS_MAX: usize = 10_000;
 
@@ -969,20 +929,6 @@ async fn load(r: &Req<'_>, tenant: &Tenant) -> Result<Response, ApiError> {
         }
         None => answer,
     })
-}
-
-/// Percent-encode a query value or path segment (everything but RFC 3986's
-/// unreserved characters).
-pub fn percent_encode(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
-    for b in v.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// The gzip threshold for this request: None when the client or the config

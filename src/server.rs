@@ -3,6 +3,8 @@
 //! them in order on SIGTERM or SIGINT (stop accepting → finish in-flight
 //! requests → writer commits what it holds → exit 0).
 
+pub mod connection;
+
 use crate::config::Config;
 use crate::shard::{Control, ShardParts};
 use crate::tenant::{Tenancy, TenantId, TenantInfo, TenantSet, TenantSpec};

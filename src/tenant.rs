@@ -17,7 +17,7 @@
 //! The set is immutable once built (`TenantSet`, shared by `Arc`); a reload
 //! (SIGHUP) builds a new one and hands it to the writer and the shards.
 
-use crate::config::{Config, ConfigError, DatabaseConfig, IndexConfig};
+use crate::config::{Config, ConfigError, DatabaseConfig, IndexConfig, RawTenant};
 use crate::token::{Grant, TokenError, TokenKeys};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -67,38 +67,6 @@ impl Access {
 
 pub fn digest(key: &[u8]) -> KeyDigest {
     Sha256::digest(key).into()
-}
-
-/// One key of a tenant, as written in a tenants file. (Unknown fields: a
-/// tenants.yaml may carry ebuse's and others' freely, a warning each; a TOML
-/// config refuses them, `config::raw_from_toml`.)
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-pub struct RawKey {
-    pub key: Option<String>,
-    pub key_sha256: Option<String>,
-    /// read, write, read_write or admin (default admin).
-    pub role: Option<String>,
-}
-
-/// One tenant, as written in `tenants.yaml` or `[[tenants]]`.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-pub struct RawTenant {
-    pub name: String,
-    /// ebuse's field: this tenant's all-powerful key.
-    pub api_key: Option<String>,
-    /// The same key given as its SHA-256 digest (hex), so the file holds no secret.
-    pub api_key_sha256: Option<String>,
-    /// More keys, each with a role.
-    #[serde(default)]
-    pub keys: Vec<RawKey>,
-    /// Size cap of this tenant's database (0: `storage.max_database_bytes`).
-    pub max_database_bytes: Option<u64>,
-    /// HS256 secret that verifies this tenant's subscription tokens.
-    pub token_secret: Option<String>,
-    /// The secret before a rotation, accepted beside `token_secret`.
-    pub token_secret_previous: Option<String>,
-    /// PEM public key(s), or a PEM file's path, for RS256/ES256 tokens.
-    pub token_public_key: Option<String>,
 }
 
 /// ebuse's `tenants.yaml`, plus shardcast's additions.

@@ -16,6 +16,7 @@
 
 use crate::config::SlowClient;
 use crate::event::Event;
+use crate::http::query::query_param;
 use crate::http::ApiError;
 use crate::shard::{Shard, Tenant};
 use crate::tenant::TenantId;
@@ -695,42 +696,6 @@ pub async fn expiry_loop(shard: Rc<Shard>) {
             t.fanout.expire(now);
         }
     }
-}
-
-/// Percent-decode one query value (`+` is a space).
-pub fn decode_query_value(v: &str) -> String {
-    let b = v.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                let hex = |c: u8| (c as char).to_digit(16);
-                match (hex(b[i + 1]), hex(b[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push((h * 16 + l) as u8);
-                        i += 2;
-                    }
-                    _ => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The first value of `name` in a query string, decoded.
-pub fn query_param(query: &str, name: &str) -> Option<String> {
-    query
-        .split('&')
-        .filter_map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (decode_query_value(k) == name).then(|| decode_query_value(v))
-        })
-        .next()
 }
 
 /// Build a subscription from the request: filters and start point.
