@@ -198,10 +198,11 @@ pub fn query(data: &[u8]) {
     let (last_id, key) = rest.split_once('\n').unwrap_or((rest, ""));
     let last = (!last_id.is_empty()).then_some(last_id);
     let k = (!key.is_empty()).then_some(key.as_bytes());
-    if let Ok(s) = crate::sse::subscription(q, last, k.map(Into::into), None) {
+    if let Ok(s) = crate::shard::fanout::subscription(q, last, k.map(Into::into), None) {
         // Every pattern is a name or a prefix; a '*' only ends one.
         for t in s.filter.types.iter().chain(s.filter.streams.iter()) {
-            let (crate::sse::Pattern::Exact(n) | crate::sse::Pattern::Prefix(n)) = t;
+            let (crate::shard::fanout::Pattern::Exact(n)
+            | crate::shard::fanout::Pattern::Prefix(n)) = t;
             assert!(!n.contains('*'), "{t:?}");
         }
         assert_eq!(s.key.as_deref(), k);

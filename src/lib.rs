@@ -39,7 +39,6 @@
 //! panic or flood; `bench` and `soak` the load tools (`shardcast bench sse`,
 //! `shardcast bench soak`), `fuzzing` the fuzz targets' oracles.
 
-pub mod accept;
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;
@@ -61,7 +60,6 @@ pub mod route;
 pub mod server;
 pub mod shard;
 pub mod soak;
-pub mod sse;
 pub mod storage;
 pub mod tenant;
 pub mod token;

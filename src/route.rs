@@ -238,7 +238,7 @@ pub enum Reply {
     /// The connection becomes a live subscription (`sse`).
     Subscribe {
         tenant: Rc<Tenant>,
-        subscription: crate::sse::Subscription,
+        subscription: crate::shard::fanout::Subscription,
     },
 }
 
@@ -565,7 +565,7 @@ pub async fn handle(
                 .last_event_id
                 .clone()
                 .map(|range| String::from_utf8_lossy(&raw[range]).into_owned());
-            let sub = crate::sse::subscription(
+            let sub = crate::shard::fanout::subscription(
                 r.query().0,
                 last_id.as_deref(),
                 subscriber_key,

@@ -3,12 +3,15 @@
 //! them in order on SIGTERM or SIGINT (stop accepting → finish in-flight
 //! requests → writer commits what it holds → exit 0).
 
+pub mod accept;
 pub mod connection;
+pub mod executor;
 
 use crate::config::Config;
-use crate::shard::{Control, ShardParts};
+use crate::shard::Control;
 use crate::tenant::{Tenancy, TenantId, TenantInfo, TenantSet, TenantSpec};
 use crate::writer::{Store, Writer, WriterControl};
+use executor::ShardParts;
 use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -128,7 +131,7 @@ pub fn run(cfg: Config, reload: LoadConfig) -> Result<(), StartError> {
     let set = registry.set(&tenancy);
 
     let shards = cfg.server.shards;
-    let (addr, fds) = crate::accept::bind_listeners(cfg.server.listen, shards, cfg.server.backlog)
+    let (addr, fds) = accept::bind_listeners(cfg.server.listen, shards, cfg.server.backlog)
         .map_err(|e| start_err(&format!("cannot listen on {}", cfg.server.listen), e))?;
 
     let (to_writer, writer_rx) =
@@ -191,7 +194,7 @@ pub fn run(cfg: Config, reload: LoadConfig) -> Result<(), StartError> {
             .name(&format!("shard-{id}"))
             .io_memory(cfg.server.io_memory_bytes)
             .blocking_thread_pool_placement(PoolPlacement::Unbound(1))
-            .spawn(move || crate::shard::run(parts))
+            .spawn(move || executor::run(parts))
             .map_err(|e| start_err(&format!("cannot start shard {id}"), e))?;
         handles.push(handle);
     }

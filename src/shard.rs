@@ -4,20 +4,23 @@
 //! no atomics shared with another core. The only cross-core traffic is flume
 //! messages, one per batch in each direction.
 
+pub mod admission;
+pub mod fanout;
+mod writer_client;
+
+pub use writer_client::{Pending, Submit, WriterClient};
+
 use crate::config::Config;
 use crate::event::Stamp;
 use crate::index::Index;
 use crate::reader::ReaderHandle;
 use crate::tenant::{Access, TenantId, TenantInfo, TenantSet, Who};
-use crate::writer::{AppendKind, AppendRequest, FromWriter, Outcome, ToWriter};
+use crate::writer::{FromWriter, ToWriter};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::future::Future;
 use std::os::fd::RawFd;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 /// Everything one shard's tasks share.
@@ -36,7 +39,7 @@ pub struct Shard {
     /// This shard's request counters (summed with the others' when scraped).
     pub metrics: crate::metrics::ShardMetrics,
     /// Connection cap and rate limiter.
-    pub admission: Rc<crate::accept::Admission>,
+    pub admission: Rc<admission::Admission>,
     /// Every shard's control channel (this one's included), for scrapes.
     pub peers: Vec<flume::Sender<Control>>,
     pub writer_control: flume::Sender<crate::writer::WriterControl>,
@@ -54,7 +57,7 @@ pub struct Shard {
 pub struct Tenant {
     pub info: Arc<TenantInfo>,
     pub index: Index,
-    pub fanout: crate::sse::Fanout,
+    pub fanout: crate::shard::fanout::Fanout,
     /// Reads off the executor (SSE catch-up, pages, replays).
     pub readers: crate::reader::Readers,
 }
@@ -79,7 +82,124 @@ pub enum Caller {
     Unknown,
 }
 
+/// What a shard is made of (the executor builds it on its own thread).
+pub struct ShardInit {
+    pub id: usize,
+    pub cfg: Arc<Config>,
+    pub to_writer: flume::Sender<ToWriter>,
+    pub tenants: Arc<TenantSet>,
+    pub readers: ReaderHandle,
+    pub peers: Vec<flume::Sender<Control>>,
+    pub writer_control: flume::Sender<crate::writer::WriterControl>,
+    pub started: std::time::SystemTime,
+}
+
 impl Shard {
+    /// Build the shard's state, on its executor (its SSE task queue is the
+    /// executor's), with these tenants installed.
+    pub fn new(init: ShardInit) -> Rc<Shard> {
+        let ShardInit {
+            id,
+            cfg,
+            to_writer,
+            tenants,
+            readers,
+            peers,
+            writer_control,
+            started,
+        } = init;
+        let shard = Rc::new(Shard {
+            id,
+            writer: WriterClient::new(id, to_writer, &cfg),
+            admission: Rc::new(admission::Admission::new(&cfg)),
+            cfg,
+            stamp: RefCell::new(Stamp::new(crate::ids::IdGen::new())),
+            draining: Cell::new(false),
+            conns: Conns::default(),
+            tenants: RefCell::new(ShardTenants {
+                set: tenants.clone(),
+                local: HashMap::new(),
+            }),
+            reader_pool: readers,
+            metrics: Default::default(),
+            peers,
+            writer_control,
+            started,
+            sse_tasks: glommio::executor().create_task_queue(
+                glommio::Shares::Static(crate::limits::SSE_TASK_SHARES),
+                glommio::Latency::Matters(crate::limits::SSE_POLL_INTERVAL),
+                "sse",
+            ),
+            users: RefCell::new(HashMap::new()),
+        });
+        shard.install(tenants);
+        shard
+    }
+
+    /// The writer's message after a group commit: the committed events into
+    /// the rings first (a client that reads its 200 and then subscribes from
+    /// its position finds the event there), then the answers.
+    pub fn committed(&self, msg: FromWriter) {
+        for p in msg.events.iter() {
+            let tenant = self.tenants.borrow().local.get(&p.tenant).cloned();
+            if let Some(t) = tenant {
+                t.fanout.publish(&p.events);
+            }
+        }
+        for (ticket, outcome) in msg.replies {
+            self.writer.answer(ticket, outcome);
+        }
+    }
+
+    /// One message from the process or another shard; the drain deadline
+    /// when it says to stop.
+    pub fn on_control(&self, msg: Control) -> Option<Instant> {
+        match msg {
+            Control::Tenants(set) => self.install(set),
+            Control::Metrics(reply) => {
+                let _ = reply.try_send(self.snapshot());
+            }
+            Control::UserAcquire {
+                tenant,
+                sub,
+                max,
+                reply,
+            } => {
+                let _ = reply.try_send(self.count_user(tenant, &sub, max));
+            }
+            Control::UserRelease { tenant, sub } => self.uncount_user(tenant, &sub),
+            Control::Shutdown { deadline } => return Some(deadline),
+        }
+        None
+    }
+
+    /// Stop taking work: close idle connections as they become idle, wait
+    /// (until `deadline`) for the open ones and the writer's answers, then
+    /// for the queue to the writer to be sent.
+    pub async fn drain(&self, deadline: Instant) {
+        self.draining.set(true);
+        loop {
+            self.conns.close_idle();
+            if self.conns.is_empty() && self.writer.in_flight() == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    shard = self.id,
+                    open = self.conns.len(),
+                    in_flight = self.writer.in_flight(),
+                    "shutdown deadline reached with work open"
+                );
+                break;
+            }
+            glommio::timer::sleep(crate::limits::DRAIN_CONNECTIONS_POLL).await;
+        }
+        // Everything queued has been sent; the writer finishes once all shards hang up.
+        while !self.writer.queue_is_empty() && Instant::now() < deadline {
+            glommio::timer::sleep(crate::limits::DRAIN_QUEUE_POLL).await;
+        }
+    }
+
     /// Resolve a presented API key (empty: none).
     pub fn caller(&self, key: &[u8]) -> Caller {
         let t = self.tenants.borrow();
@@ -155,7 +275,7 @@ impl Shard {
                     index: index.clone(),
                     // Events committed before this head come from SQLite;
                     // the writer's messages carry every one after it.
-                    fanout: crate::sse::Fanout::new(
+                    fanout: crate::shard::fanout::Fanout::new(
                         index.head().unwrap_or(0),
                         self.cfg.sse.ring_events,
                     ),
@@ -361,216 +481,6 @@ impl Drop for ConnGuard<'_> {
 }
 
 // ---------------------------------------------------------------------------
-// The shard's side of the writer: a local queue, drained by one flusher task
-// into one message per wakeup, and tickets answered by the reply task.
-
-struct Ticket {
-    outcome: RefCell<Option<Outcome>>,
-    waker: Cell<Option<Waker>>,
-    bytes: usize,
-}
-
-pub struct WriterClient {
-    shard: usize,
-    tx: RefCell<Option<flume::Sender<ToWriter>>>,
-    queue: RefCell<Vec<AppendRequest>>,
-    flusher: Cell<Option<Waker>>,
-    tickets: RefCell<HashMap<u64, Rc<Ticket>>>,
-    next_ticket: Cell<u64>,
-    in_flight_bytes: Cell<usize>,
-    requests_max: usize,
-    bytes_max: usize,
-    batch_events_max: usize,
-}
-
-pub enum Submit {
-    Queued(Pending),
-    /// The queue is full: answer 503 with Retry-After.
-    Shed,
-    /// The shard is shutting down and no longer talks to the writer.
-    Stopped,
-}
-
-/// Resolves to the request's outcome once the writer has committed it.
-pub struct Pending {
-    ticket: Rc<Ticket>,
-}
-
-impl Future for Pending {
-    type Output = Outcome;
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
-        match self.ticket.outcome.borrow_mut().take() {
-            Some(o) => Poll::Ready(o),
-            None => {
-                self.ticket.waker.set(Some(cx.waker().clone()));
-                Poll::Pending
-            }
-        }
-    }
-}
-
-impl WriterClient {
-    pub fn new(shard: usize, tx: flume::Sender<ToWriter>, cfg: &Config) -> WriterClient {
-        WriterClient {
-            shard,
-            tx: RefCell::new(Some(tx)),
-            queue: RefCell::new(Vec::new()),
-            flusher: Cell::new(None),
-            tickets: RefCell::new(HashMap::new()),
-            next_ticket: Cell::new(0),
-            in_flight_bytes: Cell::new(0),
-            requests_max: cfg.writer.queue_requests_max,
-            bytes_max: cfg.writer.queue_bytes_max,
-            batch_events_max: cfg.writer.batch_events_max,
-        }
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.tickets.borrow().len()
-    }
-
-    /// Queue a request for the writer. `bytes` is the body size, which bounds
-    /// the memory the queue may hold.
-    pub fn submit(
-        &self,
-        tenant: TenantId,
-        kind: AppendKind,
-        events: Vec<crate::event::NewEvent>,
-        bytes: usize,
-    ) -> Submit {
-        self.submit_request(tenant, kind, events, None, bytes)
-    }
-
-    /// Queue a consumer position for the writer to store.
-    pub fn submit_consumer(&self, tenant: TenantId, id: String, position: u64) -> Submit {
-        let bytes = id.len() + 16;
-        self.submit_request(
-            tenant,
-            AppendKind::Consumer,
-            Vec::new(),
-            Some((id, position)),
-            bytes,
-        )
-    }
-
-    fn submit_request(
-        &self,
-        tenant: TenantId,
-        kind: AppendKind,
-        events: Vec<crate::event::NewEvent>,
-        consumer: Option<(String, u64)>,
-        bytes: usize,
-    ) -> Submit {
-        if self.tx.borrow().is_none() {
-            return Submit::Stopped;
-        }
-        let in_flight = self.tickets.borrow().len();
-        if in_flight >= self.requests_max
-            || (in_flight > 0 && self.in_flight_bytes.get() + bytes > self.bytes_max)
-        {
-            return Submit::Shed;
-        }
-        let id = self.next_ticket.get();
-        self.next_ticket.set(id + 1);
-        let ticket = Rc::new(Ticket {
-            outcome: RefCell::new(None),
-            waker: Cell::new(None),
-            bytes,
-        });
-        self.tickets.borrow_mut().insert(id, ticket.clone());
-        self.in_flight_bytes.set(self.in_flight_bytes.get() + bytes);
-        self.queue.borrow_mut().push(AppendRequest {
-            ticket: id,
-            tenant,
-            kind,
-            events,
-            consumer,
-        });
-        if let Some(w) = self.flusher.take() {
-            w.wake();
-        }
-        Submit::Queued(Pending { ticket })
-    }
-
-    fn answer(&self, ticket: u64, outcome: Outcome) {
-        if let Some(t) = self.tickets.borrow_mut().remove(&ticket) {
-            self.in_flight_bytes
-                .set(self.in_flight_bytes.get() - t.bytes);
-            *t.outcome.borrow_mut() = Some(outcome);
-            if let Some(w) = t.waker.take() {
-                w.wake();
-            }
-        }
-    }
-
-    /// Wait until something is queued, then take it all.
-    async fn next_batch(&self) -> Vec<AppendRequest> {
-        std::future::poll_fn(|cx| {
-            let mut q = self.queue.borrow_mut();
-            if q.is_empty() {
-                self.flusher.set(Some(cx.waker().clone()));
-                Poll::Pending
-            } else {
-                Poll::Ready(std::mem::take(&mut *q))
-            }
-        })
-        .await
-    }
-
-    /// The flusher: one message to the writer per wakeup, each at most one
-    /// group commit's worth of events.
-    async fn run_flusher(&self) {
-        loop {
-            let batch = self.next_batch().await;
-            let mut chunk = Vec::new();
-            let mut events = 0;
-            for req in batch {
-                let n = req.events.len();
-                if events + n > self.batch_events_max && !chunk.is_empty() {
-                    self.send(std::mem::take(&mut chunk)).await;
-                    events = 0;
-                }
-                events += n;
-                chunk.push(req);
-            }
-            if !chunk.is_empty() {
-                self.send(chunk).await;
-            }
-        }
-    }
-
-    async fn send(&self, requests: Vec<AppendRequest>) {
-        let tx = self.tx.borrow().clone();
-        let result = match tx {
-            Some(tx) => tx
-                .send_async(ToWriter {
-                    shard: self.shard,
-                    requests,
-                })
-                .await
-                .map_err(|e| e.into_inner().requests),
-            None => Err(requests),
-        };
-        if let Err(requests) = result {
-            for r in requests {
-                self.answer(
-                    r.ticket,
-                    Outcome::Failed {
-                        message: "the writer has stopped".into(),
-                        full: false,
-                    },
-                );
-            }
-        }
-    }
-
-    /// Hang up on the writer: it finishes once every shard has.
-    fn close(&self) {
-        self.tx.borrow_mut().take();
-    }
-}
-
-// ---------------------------------------------------------------------------
 
 /// Messages from the process to a shard.
 #[derive(Clone)]
@@ -595,144 +505,4 @@ pub enum Control {
         tenant: TenantId,
         sub: Box<str>,
     },
-}
-
-pub struct ShardParts {
-    pub id: usize,
-    pub cfg: Arc<Config>,
-    pub listener_fd: RawFd,
-    pub to_writer: flume::Sender<ToWriter>,
-    pub from_writer: flume::Receiver<FromWriter>,
-    pub control: flume::Receiver<Control>,
-    pub tenants: Arc<TenantSet>,
-    pub readers: ReaderHandle,
-    pub peers: Vec<flume::Sender<Control>>,
-    pub writer_control: flume::Sender<crate::writer::WriterControl>,
-    pub started: std::time::SystemTime,
-}
-
-/// The body of one shard's executor: accept and serve until told to stop,
-/// then drain.
-pub async fn run(parts: ShardParts) {
-    use std::os::fd::FromRawFd;
-    let ShardParts {
-        id,
-        cfg,
-        listener_fd,
-        to_writer,
-        from_writer,
-        control,
-        tenants,
-        readers,
-        peers,
-        writer_control,
-        started,
-    } = parts;
-    // SAFETY: the fd is a bound, listening TCP socket made for this shard alone.
-    let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener_fd) };
-    let cfg_admission = cfg.clone();
-    let shard = Rc::new(Shard {
-        id,
-        writer: WriterClient::new(id, to_writer, &cfg),
-        cfg,
-        stamp: RefCell::new(Stamp::new(crate::ids::IdGen::new())),
-        draining: Cell::new(false),
-        conns: Conns::default(),
-        tenants: RefCell::new(ShardTenants {
-            set: tenants.clone(),
-            local: HashMap::new(),
-        }),
-        reader_pool: readers,
-        admission: Rc::new(crate::accept::Admission::new(&cfg_admission)),
-        metrics: Default::default(),
-        peers,
-        writer_control,
-        started,
-        sse_tasks: glommio::executor().create_task_queue(
-            glommio::Shares::Static(crate::limits::SSE_TASK_SHARES),
-            glommio::Latency::Matters(crate::limits::SSE_POLL_INTERVAL),
-            "sse",
-        ),
-        users: RefCell::new(HashMap::new()),
-    });
-    shard.install(tenants);
-
-    let replies = {
-        let shard = shard.clone();
-        glommio::spawn_local(async move {
-            while let Ok(msg) = from_writer.recv_async().await {
-                // Into the rings first: a client that reads its 200 and then
-                // subscribes from its position finds the event here.
-                for p in msg.events.iter() {
-                    let tenant = shard.tenants.borrow().local.get(&p.tenant).cloned();
-                    if let Some(t) = tenant {
-                        t.fanout.publish(&p.events);
-                    }
-                }
-                for (ticket, outcome) in msg.replies {
-                    shard.writer.answer(ticket, outcome);
-                }
-            }
-        })
-    };
-    let flusher = {
-        let shard = shard.clone();
-        glommio::spawn_local(async move { shard.writer.run_flusher().await })
-    };
-    let acceptor = {
-        let shard = shard.clone();
-        glommio::spawn_local(async move { crate::accept::accept_loop(shard, listener).await })
-    };
-    let heartbeat = glommio::spawn_local(crate::sse::heartbeat_loop(shard.clone()));
-    let expiry = glommio::spawn_local(crate::sse::expiry_loop(shard.clone()));
-    tracing::debug!(shard = id, "shard started");
-
-    let deadline = loop {
-        match control.recv_async().await {
-            Ok(Control::Tenants(set)) => shard.install(set),
-            Ok(Control::Metrics(reply)) => {
-                let _ = reply.try_send(shard.snapshot());
-            }
-            Ok(Control::UserAcquire {
-                tenant,
-                sub,
-                max,
-                reply,
-            }) => {
-                let _ = reply.try_send(shard.count_user(tenant, &sub, max));
-            }
-            Ok(Control::UserRelease { tenant, sub }) => shard.uncount_user(tenant, &sub),
-            Ok(Control::Shutdown { deadline }) => break deadline,
-            Err(_) => break Instant::now() + shard.cfg.server.shutdown_timeout,
-        }
-    };
-    // Stop accepting: dropping the task drops the listener and closes its socket.
-    let _ = acceptor.cancel().await;
-    shard.draining.set(true);
-    loop {
-        shard.conns.close_idle();
-        if shard.conns.is_empty() && shard.writer.in_flight() == 0 {
-            break;
-        }
-        if Instant::now() >= deadline {
-            tracing::warn!(
-                shard = id,
-                open = shard.conns.len(),
-                in_flight = shard.writer.in_flight(),
-                "shutdown deadline reached with work open"
-            );
-            break;
-        }
-        glommio::timer::sleep(crate::limits::DRAIN_CONNECTIONS_POLL).await;
-    }
-    // Everything queued has been sent; let the writer finish once all shards hang up.
-    while !shard.writer.queue.borrow().is_empty() && Instant::now() < deadline {
-        glommio::timer::sleep(crate::limits::DRAIN_QUEUE_POLL).await;
-    }
-    let _ = heartbeat.cancel().await;
-    let _ = expiry.cancel().await;
-    let _ = flusher.cancel().await;
-    shard.writer.close();
-    let _ = replies.cancel().await;
-    tracing::debug!(shard = id, "shard stopped");
 }

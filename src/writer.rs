@@ -1013,7 +1013,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!(
             "shardcast-writer-{name}-{}-{}",
             std::process::id(),
-            crate::token::now_secs()
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();

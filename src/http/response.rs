@@ -69,7 +69,7 @@ pub enum Body {
     Static(&'static [u8]),
     Bytes(Vec<u8>),
     /// A read's answer (JSON array parts joined as they are written).
-    Read(crate::reader::Answer),
+    Read(Answer),
 }
 
 impl Body {
@@ -207,4 +207,64 @@ pub fn write_head(
         out.extend_from_slice(b"Connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// A read's answer body: JSON arrays (the parts of a page read in parallel)
+/// that go out as one array, so the parts are copied once, into the
+/// response, rather than joined first; or a single (possibly gzipped) body.
+pub struct Answer {
+    pub parts: Vec<Vec<u8>>,
+    pub gzipped: bool,
+    /// The page stopped at its limit before the range's end: the next page
+    /// starts here (answered as `X-Next-From`, so no client is silently short).
+    pub next_from: Option<u64>,
+}
+
+impl Answer {
+    pub(crate) fn one(body: Vec<u8>, gzipped: bool) -> Answer {
+        Answer {
+            parts: vec![body],
+            gzipped,
+            next_from: None,
+        }
+    }
+
+    /// Where the next page starts, if this one (`count` events, the last at
+    /// `last`) was cut by `limit` before `end`.
+    pub(crate) fn cut(mut self, count: usize, last: Option<u64>, limit: usize, end: u64) -> Answer {
+        self.next_from = last.filter(|l| count >= limit && *l < end).map(|l| l + 1);
+        self
+    }
+
+    /// Bytes `write_to` appends.
+    pub fn len(&self) -> usize {
+        match self.parts.as_slice() {
+            [one] => one.len(),
+            parts => {
+                2 + parts.len().saturating_sub(1) + parts.iter().map(|p| p.len() - 2).sum::<usize>()
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Append the body: a single part as it is; several JSON arrays as one
+    /// (each is `[…]` and, by `page_json`'s check, non-empty).
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        match self.parts.as_slice() {
+            [one] => out.extend_from_slice(one),
+            parts => {
+                out.push(b'[');
+                for (i, p) in parts.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(&p[1..p.len() - 1]);
+                }
+                out.push(b']');
+            }
+        }
+    }
 }

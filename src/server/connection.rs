@@ -14,13 +14,13 @@
 //! `server.read_timeout` for a started request to arrive whole (a deadline, not
 //! per read, so a trickling client is cut off), `server.write_timeout` per write.
 
-use crate::accept::Permit;
 use crate::http::{
     chunked, parse_head, ApiError, Body, Method, Parsed, RequestHead, Response, JSON,
 };
 use crate::limits::{CONN_BUFFER_KEEP_BYTES, CONN_READ_BUFFER_BYTES};
 use crate::ratelimit::Limiter;
 use crate::route;
+use crate::shard::admission::Permit;
 use crate::shard::Shard;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
@@ -389,7 +389,13 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
                 // bytes instead of 864 per subscriber). It runs in the
                 // shard's SSE task queue, so a fan-out round never holds up
                 // the connections' requests for longer than a poll interval.
-                let fut = crate::sse::serve(shard.clone(), tenant, stream, subscription, permit);
+                let fut = crate::shard::fanout::serve(
+                    shard.clone(),
+                    tenant,
+                    stream,
+                    subscription,
+                    permit,
+                );
                 tracing::trace!(
                     bytes = std::mem::size_of_val(&fut),
                     stream = std::mem::size_of::<TcpStream>(),

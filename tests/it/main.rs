@@ -20,6 +20,7 @@ mod framing;
 mod fuzz_corpus;
 mod hostile;
 mod http;
+mod layout;
 mod ops;
 mod profiles;
 mod reads;

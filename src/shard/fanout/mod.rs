@@ -346,7 +346,7 @@ pub fn serve(
     mut sub: Subscription,
     // Holds the connection's place under `server.max_connections` until the
     // subscription ends.
-    permit: crate::accept::Permit,
+    permit: crate::shard::admission::Permit,
 ) -> impl std::future::Future<Output = ()> {
     async move {
         let _permit = permit;
