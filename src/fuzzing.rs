@@ -232,10 +232,10 @@ pub fn query(data: &[u8]) {
         format!("/streams/{q}"),
         format!("/subscriptions/{q}/position"),
     ] {
-        if let Some(s) = crate::route::stream_name(&path) {
+        if let Some(s) = crate::api::stream_name(&path) {
             assert!(!s.is_empty() && s.len() <= crate::limits::STREAM_NAME_BYTES_MAX);
         }
-        let _ = crate::route::consumer_id(&path);
+        let _ = crate::api::consumer_id(&path);
     }
 }
 

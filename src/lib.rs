@@ -39,6 +39,7 @@
 //! panic or flood; `bench` and `soak` the load tools (`shardcast bench sse`,
 //! `shardcast bench soak`), `fuzzing` the fuzz targets' oracles.
 
+pub mod api;
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;
@@ -55,8 +56,6 @@ pub mod log;
 pub mod metrics;
 pub mod ratelimit;
 pub mod reader;
-pub mod replay;
-pub mod route;
 pub mod server;
 pub mod shard;
 pub mod soak;

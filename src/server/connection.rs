@@ -14,12 +14,12 @@
 //! `server.read_timeout` for a started request to arrive whole (a deadline, not
 //! per read, so a trickling client is cut off), `server.write_timeout` per write.
 
+use crate::api;
 use crate::http::{
     chunked, parse_head, ApiError, Body, Method, Parsed, RequestHead, Response, JSON,
 };
 use crate::limits::{CONN_BUFFER_KEEP_BYTES, CONN_READ_BUFFER_BYTES};
 use crate::ratelimit::Limiter;
-use crate::route;
 use crate::shard::admission::Permit;
 use crate::shard::Shard;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -230,7 +230,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
             .and_then(|r| cors_lines(&shard.cfg.server, &pending[r]));
         // Answered without a handler: a CORS preflight, or a refusal
         // (rate limit, route, auth, size) decided from the head alone.
-        let resolved = if head.method == Method::Options && route::is_endpoint(path) {
+        let resolved = if head.method == Method::Options && api::is_endpoint(path) {
             Err(preflight(cors.is_some()))
         } else {
             rate_limit(
@@ -241,7 +241,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
                 path,
                 pending,
             )
-            .and_then(|()| route::resolve(&shard, &head, path, pending))
+            .and_then(|()| api::resolve(&shard, &head, path, pending))
             .map_err(|e| {
                 if e.status == 429 {
                     shard.metrics.rate_limited();
@@ -335,12 +335,12 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
         // 4. Answer: a response, or the connection handed on.
         let route = resolved.route;
         let req = &rb.buf[rb.start..rb.start + head.head_len + body_len];
-        let reply = route::handle(&shard, resolved, &head, req).await;
+        let reply = api::handle(&shard, resolved, &head, req).await;
         let micros = request_started.elapsed().as_micros() as u64;
         let is_head = head.method == Method::Head;
         let answer = match reply {
-            route::Reply::Answer(a) => a,
-            route::Reply::Replay {
+            api::Reply::Answer(a) => a,
+            api::Reply::Replay {
                 tenant,
                 query,
                 grant,
@@ -353,8 +353,8 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
                     return;
                 }
                 // Boxed: its state would otherwise enlarge every
-                // connection's task (see `route::handle`).
-                let replay = Box::pin(crate::replay::serve(
+                // connection's task (see `api::handle`).
+                let replay = Box::pin(crate::api::replay::serve(
                     &tenant,
                     &mut stream,
                     &query,
@@ -368,7 +368,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
                     Ok(_) | Err(_) => return,
                 }
             }
-            route::Reply::Subscribe {
+            api::Reply::Subscribe {
                 tenant,
                 mut subscription,
             } => {

@@ -36,7 +36,7 @@ pub async fn serve(
     is_head: bool,
 ) -> std::io::Result<bool> {
     let params = parse(query).and_then(|p| {
-        crate::route::type_within(p.event_type.as_deref(), grant)?;
+        crate::api::type_within(p.event_type.as_deref(), grant)?;
         Ok(p)
     });
     let scope = grant.map(|g| g.scope.clone());
