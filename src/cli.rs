@@ -89,7 +89,7 @@ pub fn check(cfg: &Config, tenant: Option<&str>, out: &mut dyn Write) -> u8 {
                 continue;
             }
         }
-        let index = match crate::index::Index::open_for_check(&t.index) {
+        let index = match crate::storage::index::Index::open_for_check(&t.index) {
             Ok(i) => i,
             Err(e) => {
                 let _ = writeln!(out, "  index: {e}");

@@ -1,9 +1,14 @@
 //! Time-ordered event ids (UUIDv7, RFC 9562) generated per shard with no
 //! shared state: 48 bits of Unix milliseconds, a 12-bit counter that keeps ids
 //! from one shard ordered within a millisecond, and 62 random bits that keep
-//! ids from different shards apart.
+//! ids from different shards apart. Also the process's tenant numbers.
 
 use std::time::{SystemTime, UNIX_EPOCH};
+
+/// A tenant's number for the life of the process; never reused, so a tenant
+/// removed and added again starts clean everywhere (reader connections,
+/// shard rings).
+pub type TenantId = u32;
 
 pub struct IdGen {
     last_ms: u64,

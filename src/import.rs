@@ -618,7 +618,7 @@ pub fn run(
             "verification failed: the target ends at {head} with {count} events; the source's head was {source_head}"
         ));
     }
-    let (ix, _) = crate::index::Index::open_checked(index, &conn).map_err(|e| {
+    let (ix, _) = crate::storage::index::Index::open_checked(index, &conn).map_err(|e| {
         format!(
             "cannot bring the index {} in step: {e}",
             index.path.display()

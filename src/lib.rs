@@ -41,7 +41,6 @@
 
 pub mod api;
 pub mod bench;
-pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod event;
@@ -50,12 +49,10 @@ pub mod fuzzing;
 pub mod http;
 pub mod ids;
 pub mod import;
-pub mod index;
 pub mod limits;
 pub mod log;
 pub mod metrics;
 pub mod ratelimit;
-pub mod reader;
 pub mod server;
 pub mod shard;
 pub mod soak;

@@ -155,7 +155,7 @@ pub fn run(cfg: Config, reload: LoadConfig) -> Result<(), StartError> {
     }
 
     let started = std::time::SystemTime::now();
-    let reader_pool = crate::reader::ReaderPool::start(cfg.database.read_connections)
+    let reader_pool = crate::storage::reader::ReaderPool::start(cfg.database.read_connections)
         .map_err(|e| start_err("cannot start the reader threads", e))?;
     let writer = Writer::new(stores, writer_rx, writer_control_rx, reply_txs, &cfg);
     let writer_cpu = cfg.writer.cpu;
@@ -332,7 +332,7 @@ impl Registry {
         &mut self,
         id: TenantId,
         spec: &TenantSpec,
-        index: Option<crate::index::Index>,
+        index: Option<crate::storage::index::Index>,
         unavailable: Option<String>,
     ) {
         self.infos.push(Arc::new(TenantInfo {
@@ -368,7 +368,7 @@ impl Registry {
 fn open_when_released(
     spec: &TenantSpec,
     cfg: &Config,
-) -> Result<(Store, crate::index::Index), String> {
+) -> Result<(Store, crate::storage::index::Index), String> {
     let deadline = Instant::now() + crate::limits::RELOAD_INDEX_RELEASE_WAIT;
     loop {
         match Store::open(&spec.name, &spec.database, &spec.index, cfg) {

@@ -12,8 +12,8 @@ pub use writer_client::{Pending, Submit, WriterClient};
 
 use crate::config::Config;
 use crate::event::Stamp;
-use crate::index::Index;
-use crate::reader::ReaderHandle;
+use crate::storage::index::Index;
+use crate::storage::reader::ReaderHandle;
 use crate::tenant::{Access, TenantId, TenantInfo, TenantSet, Who};
 use crate::writer::{FromWriter, ToWriter};
 use std::cell::{Cell, RefCell};
@@ -59,7 +59,7 @@ pub struct Tenant {
     pub index: Index,
     pub fanout: crate::shard::fanout::Fanout,
     /// Reads off the executor (SSE catch-up, pages, replays).
-    pub readers: crate::reader::Readers,
+    pub readers: crate::storage::reader::Readers,
 }
 
 impl Tenant {

@@ -25,10 +25,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// A tenant's number for the life of the process; never reused, so a tenant
-/// removed and added again starts clean everywhere (reader connections,
-/// shard rings).
-pub type TenantId = u32;
+pub use crate::ids::TenantId;
 
 /// SHA-256 of a key.
 pub type KeyDigest = [u8; 32];
@@ -361,7 +358,7 @@ pub struct TenantInfo {
     pub id: TenantId,
     pub name: String,
     pub database: Arc<DatabaseConfig>,
-    pub index: Option<crate::index::Index>,
+    pub index: Option<crate::storage::index::Index>,
     pub unavailable: Option<String>,
 }
 

@@ -7,11 +7,11 @@
 //! then answers: one message per shard per commit. A client's 2xx therefore
 //! always follows the commit of its events (group commit).
 
-use crate::checkpoint::{Checkpointer, WalWatch};
 use crate::config::{Config, DatabaseConfig, IndexConfig};
 use crate::event::{Event, NewEvent};
-use crate::index::{Index, Recovery};
 use crate::storage;
+use crate::storage::checkpoint::{Checkpointer, WalWatch};
+use crate::storage::index::{Index, Recovery};
 use crate::tenant::TenantId;
 use rusqlite::{Connection, TransactionBehavior};
 use std::collections::HashMap;
@@ -188,7 +188,7 @@ impl Store {
         let (index, recovery) = Index::open_checked(index_cfg, &conn).map_err(|e| {
             let m = format!("cannot open index {}: {e}", index_cfg.path.display());
             match e {
-                crate::index::IndexError::Lmdb(heed::Error::EnvAlreadyOpened) => {
+                crate::storage::index::IndexError::Lmdb(heed::Error::EnvAlreadyOpened) => {
                     OpenError::IndexHeld(m)
                 }
                 _ => OpenError::Failed(m),
@@ -246,7 +246,7 @@ impl Store {
             let tx = self
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let mut w = self.index.env.write_txn()?;
+            let mut w = self.index.write_txn()?;
             let low = prune(
                 &self.index,
                 &self.retention,
@@ -356,7 +356,7 @@ impl Store {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut w = self.index.env.write_txn()?;
+        let mut w = self.index.write_txn()?;
         let t_begin = t0.elapsed();
         let mut next = self.head + 1;
         let mut consumers_saved = false;
@@ -368,7 +368,7 @@ impl Store {
                     // A consumer's position is its own (ebuse stores any):
                     // one beyond the head just means it has seen everything.
                     storage::set_consumer(&tx, id, *position)?;
-                    self.index.consumers.put(&mut w, id.as_bytes(), position)?;
+                    self.index.put_consumer(&mut w, id, *position)?;
                     consumers_saved = true;
                     replies.push((shard, ticket, Outcome::PositionSaved));
                     continue;
@@ -602,7 +602,7 @@ impl Writer {
                     wakeups: self.wakeups,
                     batch_events: self.batch_events.clone(),
                     commit_micros: self.commit_micros.clone(),
-                    busy_retries: crate::checkpoint::busy_retries(),
+                    busy_retries: crate::storage::checkpoint::busy_retries(),
                     queued_messages: self.rx.len() as u64,
                     tenants,
                 });
@@ -846,12 +846,7 @@ fn prune(
     })?;
     for row in rows {
         let (id, stream, version) = row?;
-        index.ids.delete(w, id.as_bytes())?;
-        if let (Some(s), Some(v)) = (stream, version) {
-            index
-                .stream_events
-                .delete(w, &crate::index::stream_key(&s, v as u64))?;
-        }
+        index.forget_event(w, &id, stream.as_deref().zip(version.map(|v| v as u64)))?;
     }
     Ok(upto + 1)
 }
@@ -881,7 +876,7 @@ fn apply(
     for e in &req.events {
         let known = match own_ids.get(e.id.as_str()) {
             Some(p) => Some(*p),
-            None => index.ids.get(w, e.id.as_bytes())?,
+            None => index.position_in(w, &e.id)?,
         };
         if let Some(p) = known {
             slots.push(Slot::Duplicate(p));
@@ -892,7 +887,7 @@ fn apply(
             Some(stream) => {
                 let current = match own_streams.get(stream.as_str()) {
                     Some(v) => *v,
-                    None => index.streams.get(w, stream.as_bytes())?.unwrap_or(0),
+                    None => index.stream_version_in(w, stream)?,
                 };
                 if let Some(expected) = e.expected_version {
                     if expected != current {
@@ -929,13 +924,12 @@ fn apply(
                     new,
                 };
                 storage::insert(stmt, &event)?;
-                index.ids.put(w, event.new.id.as_bytes(), &position)?;
-                if let (Some(s), Some(v)) = (&event.new.stream, version) {
-                    index.streams.put(w, s.as_bytes(), &v)?;
-                    index
-                        .stream_events
-                        .put(w, &crate::index::stream_key(s, v), &position)?;
-                }
+                index.put_event(
+                    w,
+                    &event.new.id,
+                    position,
+                    event.new.stream.as_deref().zip(version),
+                )?;
                 saved += 1;
                 first = first.min(position);
                 last = last.max(position);

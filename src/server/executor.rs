@@ -3,8 +3,8 @@
 //! expiry), obey its control channel until told to stop, then drain.
 
 use crate::config::Config;
-use crate::reader::ReaderHandle;
 use crate::shard::{Control, Shard, ShardInit};
+use crate::storage::reader::ReaderHandle;
 use crate::tenant::TenantSet;
 use crate::writer::{FromWriter, ToWriter};
 use std::os::fd::RawFd;

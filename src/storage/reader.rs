@@ -12,8 +12,8 @@
 use crate::config::DatabaseConfig;
 use crate::event::Event;
 use crate::filter::Filter;
+use crate::ids::TenantId;
 use crate::storage::Page;
-use crate::tenant::TenantId;
 use rusqlite::Connection;
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -27,23 +27,25 @@ const META_FORMAT: &str = "format";
 
 pub type Pos = U64<BigEndian>;
 
+/// The index's databases. Only this module knows their keys: the writer
+/// writes through `put_event`, `forget_event`, `put_consumer`, `set_head`.
 #[derive(Clone)]
 pub struct Index {
-    pub(crate) env: Env,
-    pub(crate) ids: Database<'static, Bytes, Pos>,
-    pub(crate) streams: Database<'static, Bytes, Pos>,
-    pub(crate) meta: Database<'static, Str, Pos>,
+    env: Env,
+    ids: Database<'static, Bytes, Pos>,
+    streams: Database<'static, Bytes, Pos>,
+    meta: Database<'static, Str, Pos>,
     /// Consumer id → the position it last saved.
-    pub(crate) consumers: Database<'static, Bytes, Pos>,
+    consumers: Database<'static, Bytes, Pos>,
     /// (stream, version) → position: one stream in version order without an
     /// index on random keys in SQLite (measured: such an index cost 41% of
     /// batch ingestion of stream events).
-    pub(crate) stream_events: Database<'static, Bytes, Pos>,
+    stream_events: Database<'static, Bytes, Pos>,
 }
 
 /// `stream_events` key: u16 length, the stream, the version big-endian, so a
 /// stream's keys are contiguous and in version order whatever bytes it holds.
-pub fn stream_key(stream: &str, version: u64) -> Vec<u8> {
+fn stream_key(stream: &str, version: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + stream.len() + 8);
     k.extend_from_slice(&(stream.len() as u16).to_be_bytes());
     k.extend_from_slice(stream.as_bytes());
@@ -276,6 +278,57 @@ impl Index {
     }
 
     /// Index SQLite's events from `from` to its head, in bounded transactions.
+    /// A write transaction, for the writer (one per group commit).
+    pub fn write_txn(&self) -> heed::Result<RwTxn<'_>> {
+        self.env.write_txn()
+    }
+
+    /// The position of an event id, as this write transaction sees it.
+    pub fn position_in(&self, w: &RwTxn, id: &str) -> heed::Result<Option<u64>> {
+        self.ids.get(w, id.as_bytes())
+    }
+
+    /// A stream's version, as this write transaction sees it (0: none yet).
+    pub fn stream_version_in(&self, w: &RwTxn, stream: &str) -> heed::Result<u64> {
+        Ok(self.streams.get(w, stream.as_bytes())?.unwrap_or(0))
+    }
+
+    /// Index a stored event: its id, and its stream's version and position.
+    pub fn put_event(
+        &self,
+        w: &mut RwTxn,
+        id: &str,
+        position: u64,
+        stream: Option<(&str, u64)>,
+    ) -> heed::Result<()> {
+        self.ids.put(w, id.as_bytes(), &position)?;
+        if let Some((s, v)) = stream {
+            self.streams.put(w, s.as_bytes(), &v)?;
+            self.stream_events.put(w, &stream_key(s, v), &position)?;
+        }
+        Ok(())
+    }
+
+    /// Forget a pruned event: its id (a later append of it is new) and its
+    /// place in its stream (the stream's version stays: versions go on).
+    pub fn forget_event(
+        &self,
+        w: &mut RwTxn,
+        id: &str,
+        stream: Option<(&str, u64)>,
+    ) -> heed::Result<()> {
+        self.ids.delete(w, id.as_bytes())?;
+        if let Some((s, v)) = stream {
+            self.stream_events.delete(w, &stream_key(s, v))?;
+        }
+        Ok(())
+    }
+
+    /// A consumer's saved position.
+    pub fn put_consumer(&self, w: &mut RwTxn, id: &str, position: u64) -> heed::Result<()> {
+        self.consumers.put(w, id.as_bytes(), &position)
+    }
+
     pub(crate) fn index_range(&self, conn: &Connection, from: u64) -> Result<u64, IndexError> {
         let mut stmt = conn.prepare(
             "SELECT position, id, stream, stream_version FROM events WHERE position >= ?1 ORDER BY position LIMIT ?2",
@@ -295,12 +348,12 @@ impl Index {
                 let id: String = r.get(1)?;
                 let stream: Option<String> = r.get(2)?;
                 let version: Option<i64> = r.get(3)?;
-                self.ids.put(&mut w, id.as_bytes(), &pos)?;
-                if let (Some(s), Some(v)) = (stream, version) {
-                    self.streams.put(&mut w, s.as_bytes(), &(v as u64))?;
-                    self.stream_events
-                        .put(&mut w, &stream_key(&s, v as u64), &pos)?;
-                }
+                self.put_event(
+                    &mut w,
+                    &id,
+                    pos,
+                    stream.as_deref().zip(version.map(|v| v as u64)),
+                )?;
                 last = Some(pos);
                 n += 1;
             }

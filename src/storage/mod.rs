@@ -6,6 +6,10 @@
 //!
 //! Only the writer thread opens this read-write.
 
+pub mod checkpoint;
+pub mod index;
+pub mod reader;
+
 use crate::config::DatabaseConfig;
 use crate::event::{Event, NewEvent};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
