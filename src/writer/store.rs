@@ -1,151 +1,52 @@
-//! The writer: one OS thread, pinned to its own CPU, that owns the SQLite
-//! connection and is the only writer of the LMDB index.
-//!
-//! Each wakeup it takes everything the shards have queued (up to
-//! `writer.batch_events_max` events), checks it (idempotency, stream versions),
-//! writes it in one SQLite transaction, commits, updates the index, and only
-//! then answers: one message per shard per commit. A client's 2xx therefore
-//! always follows the commit of its events (group commit).
+//! One tenant's storage as the writer owns it: its SQLite connection, the
+//! only write access to its LMDB index, and its checkpointer. `commit`
+//! writes one tenant's share of a group in one transaction, checking ids
+//! (duplicates answer with the original position) and stream versions
+//! (`expected_version`), prunes what retention no longer keeps, commits,
+//! then updates the index; answers are given only after the commit.
 
+use super::protocol::{AppendKind, AppendRequest, Outcome};
 use crate::config::{Config, DatabaseConfig, IndexConfig};
-use crate::event::{Event, NewEvent};
+use crate::event::Event;
 use crate::storage;
 use crate::storage::checkpoint::{Checkpointer, WalWatch};
 use crate::storage::index::{Index, Recovery};
-use crate::tenant::TenantId;
 use rusqlite::{Connection, TransactionBehavior};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A group commit slower than this is logged with where its time went.
 const SLOW_COMMIT_WARN: Duration = Duration::from_millis(100);
 
-/// What a request asks for; decides the shape of its answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AppendKind {
-    /// `POST /events`: answered with the stored event.
-    One,
-    /// `POST /events/batch`: all or nothing, answered with a summary.
-    Batch,
-    /// `POST|PUT /subscriptions/{id}/position`: no events; `consumer` is set.
-    Consumer,
-}
-
-/// One HTTP request's events, on their way to the writer.
-#[derive(Debug)]
-pub struct AppendRequest {
-    /// Shard-local number the answer is matched back by.
-    pub ticket: u64,
-    /// Whose storage it goes to.
-    pub tenant: TenantId,
-    pub kind: AppendKind,
-    pub events: Vec<NewEvent>,
-    /// For `AppendKind::Consumer`: the consumer id and the position to save.
-    pub consumer: Option<(String, u64)>,
-}
-
-/// Shard → writer: every request a shard queued since its last message.
-#[derive(Debug)]
-pub struct ToWriter {
-    pub shard: usize,
-    pub requests: Vec<AppendRequest>,
-}
-
-/// The answer to one request.
-#[derive(Debug)]
-pub enum Outcome {
-    One {
-        event: Event,
-        duplicate: bool,
-    },
-    Batch {
-        saved: usize,
-        duplicates: usize,
-        first_position: u64,
-        last_position: u64,
-    },
-    /// `expected_version` did not match; nothing of the request was written.
-    Conflict {
-        stream: String,
-        expected: u64,
-        current: u64,
-    },
-    /// A consumer position was saved.
-    PositionSaved,
-    /// Storage failed; nothing of the request was written. `full`: the
-    /// disk, the database's size cap or the index map is full (507).
-    Failed {
-        message: String,
-        full: bool,
-    },
-}
-
-/// One tenant's events made durable by one commit, in position order,
-/// contiguous, following that tenant's previous ones.
-#[derive(Debug)]
-pub struct Published {
-    pub tenant: TenantId,
-    pub events: Vec<Event>,
-}
-
-/// Writer → shard: one message per shard per wakeup, with the answers to
-/// that shard's requests and every tenant's committed events (shared by
-/// every shard: each encodes them once into that tenant's SSE ring).
-#[derive(Debug)]
-pub struct FromWriter {
-    pub replies: Vec<(u64, Outcome)>,
-    pub events: Arc<Vec<Published>>,
-}
-
-/// The process → writer: tenants come and go on reload. `done` is answered
-/// once the writer holds (or has closed) the store, so shards are told
-/// about a new tenant only when its appends can be served.
-pub enum WriterControl {
-    Add {
-        id: TenantId,
-        store: Box<Store>,
-        done: flume::Sender<()>,
-    },
-    Remove {
-        id: TenantId,
-        done: flume::Sender<()>,
-    },
-    /// A scrape: the writer's counters.
-    Metrics(flume::Sender<crate::metrics::WriterSnapshot>),
-    /// Readiness: each tenant's storage, ready or why not.
-    Ready(flume::Sender<Vec<(String, Result<(), String>)>>),
-}
-
 /// One tenant's storage, owned by the writer thread: its SQLite connection
 /// and the only write access to its LMDB index.
 pub struct Store {
     pub name: String,
-    conn: Connection,
-    index: Index,
+    pub(super) conn: Connection,
+    pub(super) index: Index,
     /// Position of the last committed event; the next gets `head + 1`.
-    head: u64,
+    pub(super) head: u64,
     /// The index missed a commit (its own commit failed); bring it up to date first.
-    index_behind: bool,
+    pub(super) index_behind: bool,
     /// Nudges the checkpoint thread as the WAL grows.
-    wal: WalWatch,
-    checkpointer: Option<Checkpointer>,
+    pub(super) wal: WalWatch,
+    pub(super) checkpointer: Option<Checkpointer>,
     /// `storage.retain_events` and `storage.retain_age`.
-    retention: Retention,
+    pub(super) retention: Retention,
     /// Lowest stored position: where pruning continues.
-    low: u64,
-    _lock: storage::DbLock,
-    events_appended: u64,
-    commits: u64,
-    commit_failures: u64,
+    pub(super) low: u64,
+    pub(super) _lock: storage::DbLock,
+    pub(super) events_appended: u64,
+    pub(super) commits: u64,
+    pub(super) commit_failures: u64,
     /// Why the last commit failed, until one succeeds (readiness says so).
-    last_failure: Option<String>,
+    pub(super) last_failure: Option<String>,
     /// Failing commits are logged once, then once per interval with a count
     /// (a full disk fails every commit: one line each would fill it faster).
-    failure_log: crate::log::Repeated,
+    pub(super) failure_log: crate::log::Repeated,
     /// Likewise for an index that stays behind SQLite.
-    index_log: crate::log::Repeated,
+    pub(super) index_log: crate::log::Repeated,
 }
 
 /// Why a store did not open.
@@ -240,7 +141,7 @@ impl Store {
     /// Prune by age with no append to ride on (an idle store): slices of
     /// `PRUNE_ROWS_PER_COMMIT`, each its own short transaction, until
     /// nothing more is due or `slices_max` were taken.
-    fn prune_idle(&mut self, slices_max: usize) -> Result<u64, StorageError> {
+    pub(super) fn prune_idle(&mut self, slices_max: usize) -> Result<u64, StorageError> {
         let mut pruned = 0;
         for _ in 0..slices_max {
             let tx = self
@@ -272,7 +173,7 @@ impl Store {
         Ok(pruned)
     }
 
-    fn close(mut self) {
+    pub(super) fn close(mut self) {
         let checkpointer = self.checkpointer.take();
         drop(self);
         if let Some(c) = checkpointer {
@@ -282,7 +183,7 @@ impl Store {
 
     /// Write one tenant's share of a group in one transaction and answer
     /// each of its requests. Returns the events it made durable.
-    fn commit(
+    pub(super) fn commit(
         &mut self,
         requests: Vec<(usize, AppendRequest)>,
         answers: &mut [Vec<(u64, Outcome)>],
@@ -346,7 +247,7 @@ impl Store {
         }
     }
 
-    fn write(
+    pub(super) fn write(
         &mut self,
         requests: Vec<(usize, AppendRequest)>,
         replies: &mut Vec<(usize, u64, Outcome)>,
@@ -432,7 +333,7 @@ impl Store {
     /// Ready to take appends: the last commit (if any failed) succeeded
     /// since, the write lock can be taken, the index is at the head, and the
     /// disk has room.
-    fn ready(&self) -> Result<(), String> {
+    pub(super) fn ready(&self) -> Result<(), String> {
         if let Some(f) = &self.last_failure {
             return Err(format!("the last commit failed: {f}"));
         }
@@ -457,7 +358,7 @@ impl Store {
         Ok(())
     }
 
-    fn resync_index(&mut self) {
+    pub(super) fn resync_index(&mut self) {
         match self.index.head().map_err(StorageError::from).and_then(|h| {
             self.index
                 .index_range(&self.conn, h + 1)
@@ -476,24 +377,6 @@ impl Store {
     }
 }
 
-pub struct Writer {
-    stores: HashMap<TenantId, Store>,
-    wakeups: u64,
-    batch_events: crate::metrics::Histogram,
-    commit_micros: crate::metrics::Histogram,
-    rx: flume::Receiver<ToWriter>,
-    control: Option<flume::Receiver<WriterControl>>,
-    shards: Vec<flume::Sender<FromWriter>>,
-    batch_events_max: usize,
-    carry: Option<ToWriter>,
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-pub struct WriterStats {
-    pub commits: u64,
-    pub events: u64,
-}
-
 /// How each event of a request will be stored.
 enum Slot {
     New { position: u64, version: Option<u64> },
@@ -501,10 +384,10 @@ enum Slot {
 }
 
 #[derive(Debug)]
-struct StorageError {
-    message: String,
+pub(super) struct StorageError {
+    pub(super) message: String,
     /// The disk, the database's size cap or the index's map is full: 507.
-    full: bool,
+    pub(super) full: bool,
 }
 
 impl StorageError {
@@ -533,251 +416,6 @@ impl From<heed::Error> for StorageError {
             full,
         }
     }
-}
-
-impl Writer {
-    pub fn new(
-        stores: HashMap<TenantId, Store>,
-        rx: flume::Receiver<ToWriter>,
-        control: flume::Receiver<WriterControl>,
-        shards: Vec<flume::Sender<FromWriter>>,
-        cfg: &crate::config::Config,
-    ) -> Writer {
-        Writer {
-            stores,
-            wakeups: 0,
-            batch_events: Default::default(),
-            commit_micros: Default::default(),
-            rx,
-            control: Some(control),
-            shards,
-            batch_events_max: cfg.writer.batch_events_max,
-            carry: None,
-        }
-    }
-
-    /// Run until every shard has hung up, committing everything they sent.
-    pub fn run(mut self) -> WriterStats {
-        let mut stats = WriterStats::default();
-        while let Some(group) = self.next_group() {
-            let started = Instant::now();
-            let n = self.commit_group(group);
-            stats.commits += 1;
-            stats.events += n as u64;
-            tracing::trace!(
-                events = n,
-                micros = started.elapsed().as_micros() as u64,
-                "group commit"
-            );
-        }
-        for (_, store) in std::mem::take(&mut self.stores) {
-            tracing::info!(tenant = %store.name, head = store.head, "store closed");
-            store.close();
-        }
-        tracing::info!(
-            commits = stats.commits,
-            events = stats.events,
-            "writer stopped"
-        );
-        stats
-    }
-
-    fn on_control(&mut self, c: WriterControl) {
-        match c {
-            WriterControl::Metrics(reply) => {
-                let mut tenants: Vec<_> = self
-                    .stores
-                    .iter()
-                    .map(|(id, s)| crate::metrics::WriterTenant {
-                        id: *id,
-                        name: s.name.clone(),
-                        head: s.head,
-                        events_appended: s.events_appended,
-                        commits: s.commits,
-                        commit_failures: s.commit_failures,
-                    })
-                    .collect();
-                tenants.sort_by_key(|t| t.id);
-                let _ = reply.send(crate::metrics::WriterSnapshot {
-                    wakeups: self.wakeups,
-                    batch_events: self.batch_events.clone(),
-                    commit_micros: self.commit_micros.clone(),
-                    busy_retries: crate::storage::checkpoint::busy_retries(),
-                    queued_messages: self.rx.len() as u64,
-                    tenants,
-                });
-            }
-            WriterControl::Ready(reply) => {
-                let mut out: Vec<_> = self
-                    .stores
-                    .values()
-                    .map(|s| (s.name.clone(), s.ready()))
-                    .collect();
-                out.sort_by(|a, b| a.0.cmp(&b.0));
-                let _ = reply.send(out);
-            }
-            WriterControl::Add { id, store, done } => {
-                tracing::info!(tenant = %store.name, head = store.head, "tenant added");
-                if let Some(old) = self.stores.insert(id, *store) {
-                    old.close();
-                }
-                let _ = done.send(());
-            }
-            WriterControl::Remove { id, done } => {
-                if let Some(store) = self.stores.remove(&id) {
-                    tracing::info!(tenant = %store.name, head = store.head, "tenant removed");
-                    store.close();
-                }
-                let _ = done.send(());
-            }
-        }
-    }
-
-    /// Age-based retention on stores with nothing to commit.
-    fn prune_idle_stores(&mut self) {
-        for store in self.stores.values_mut() {
-            if store.retention.age.is_none() {
-                continue;
-            }
-            match store.prune_idle(crate::limits::RETAIN_AGE_SWEEP_SLICES_MAX) {
-                Ok(0) => {}
-                Ok(n) => {
-                    tracing::debug!(tenant = %store.name, events = n, low = store.low, "pruned by age")
-                }
-                Err(e) => {
-                    if let Some(n) = store.failure_log.occur(std::time::Instant::now()) {
-                        tracing::warn!(tenant = %store.name, error = %e.message, failures_not_logged = n, "pruning by age failed; retried at the next sweep");
-                    }
-                }
-            }
-        }
-    }
-
-    /// Block for the first message (serving tenant changes meanwhile), then
-    /// take whatever else is queued without waiting, up to
-    /// `batch_events_max` events. None when all shards are gone.
-    fn next_group(&mut self) -> Option<Vec<ToWriter>> {
-        let first = match self.carry.take() {
-            Some(m) => m,
-            None => loop {
-                // With age-based retention, an idle writer still wakes to prune.
-                let sweep = self
-                    .stores
-                    .values()
-                    .any(|s| s.retention.age.is_some())
-                    .then_some(crate::limits::RETAIN_AGE_SWEEP_INTERVAL);
-                let mut select = flume::Selector::new()
-                    .recv(&self.rx, |m| m.map(Next::Requests).unwrap_or(Next::Stopped));
-                if let Some(control) = &self.control {
-                    select = select.recv(control, |c| {
-                        c.map(Next::Control).unwrap_or(Next::ControlGone)
-                    });
-                }
-                let next = match sweep {
-                    Some(every) => select.wait_timeout(every).unwrap_or(Next::Idle),
-                    None => select.wait(),
-                };
-                match next {
-                    Next::Requests(m) => break m,
-                    Next::Stopped => return None,
-                    Next::Control(c) => self.on_control(c),
-                    // The process side hung up: requests only from now on.
-                    Next::ControlGone => self.control = None,
-                    Next::Idle => self.prune_idle_stores(),
-                }
-            },
-        };
-        let mut events = count_events(&first);
-        let mut group = vec![first];
-        while events < self.batch_events_max {
-            match self.rx.try_recv() {
-                Ok(m) => {
-                    let n = count_events(&m);
-                    if events + n > self.batch_events_max {
-                        self.carry = Some(m);
-                        break;
-                    }
-                    events += n;
-                    group.push(m);
-                }
-                Err(_) => break,
-            }
-        }
-        Some(group)
-    }
-
-    /// One transaction per tenant touched, then one message per shard with
-    /// every answer and every tenant's committed events. Returns the number
-    /// of events written.
-    fn commit_group(&mut self, group: Vec<ToWriter>) -> usize {
-        let mut answers: Vec<Vec<(u64, Outcome)>> =
-            (0..self.shards.len()).map(|_| Vec::new()).collect();
-        // Tenants in the order their first request came, requests in order.
-        let mut by_tenant: Vec<(TenantId, Vec<(usize, AppendRequest)>)> = Vec::new();
-        for msg in group {
-            for req in msg.requests {
-                match by_tenant.iter_mut().find(|(t, _)| *t == req.tenant) {
-                    Some((_, reqs)) => reqs.push((msg.shard, req)),
-                    None => by_tenant.push((req.tenant, vec![(msg.shard, req)])),
-                }
-            }
-        }
-        self.wakeups += 1;
-        let mut published = Vec::new();
-        let mut written = 0;
-        for (tenant, requests) in by_tenant {
-            match self.stores.get_mut(&tenant) {
-                Some(store) => {
-                    // One tenant's failure answers only its own requests.
-                    let t0 = Instant::now();
-                    let events = store.commit(requests, &mut answers);
-                    self.commit_micros.observe(
-                        crate::metrics::LATENCY_BUCKETS_US,
-                        t0.elapsed().as_micros() as u64,
-                    );
-                    self.batch_events
-                        .observe(crate::metrics::BATCH_BUCKETS, events.len() as u64);
-                    if !events.is_empty() {
-                        written += events.len();
-                        published.push(Published { tenant, events });
-                    }
-                }
-                None => {
-                    for (shard, req) in requests {
-                        answers[shard].push((
-                            req.ticket,
-                            Outcome::Failed {
-                                message: "this tenant has been removed".into(),
-                                full: false,
-                            },
-                        ));
-                    }
-                }
-            }
-        }
-        let events = Arc::new(published);
-        for (shard, replies) in answers.into_iter().enumerate() {
-            if !replies.is_empty() || !events.is_empty() {
-                // A shard that already stopped has no one left to answer.
-                let _ = self.shards[shard].send(FromWriter {
-                    replies,
-                    events: events.clone(),
-                });
-            }
-        }
-        written
-    }
-}
-
-/// What woke the idle writer.
-enum Next {
-    Requests(ToWriter),
-    Control(WriterControl),
-    /// Nothing came within the retention sweep interval.
-    Idle,
-    /// Every shard hung up.
-    Stopped,
-    ControlGone,
 }
 
 /// What a store keeps.
@@ -849,10 +487,6 @@ fn prune(
         index.forget_event(w, &id, stream.as_deref().zip(version.map(|v| v as u64)))?;
     }
     Ok(upto + 1)
-}
-
-fn count_events(m: &ToWriter) -> usize {
-    m.requests.iter().map(|r| r.events.len()).sum()
 }
 
 /// Check one request against the index (and the requests before it in this
