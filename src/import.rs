@@ -467,6 +467,10 @@ impl Progress<'_> {
 }
 
 /// Import from `source` into the store at `database` (its index at `index`).
+///
+/// Long: the import's steps in order (open, check the prefix, copy pages,
+/// verify, bring the index in step), each short; splitting them would scatter
+/// one resumable procedure.
 pub fn run(
     source: Source,
     database: &DatabaseConfig,

@@ -293,6 +293,8 @@ fn load_once(args: ConfigArgs) -> Option<Config> {
     }
 }
 
+/// Long: the command dispatch, one short arm per command, each loading the
+/// configuration and calling its `cli` function.
 fn main() -> ExitCode {
     let cli = Cli::parse();
     install_panic_hook();

@@ -257,6 +257,9 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
 
 /// Render everything (or, with `only`, one tenant's series and nothing
 /// process-wide) in the Prometheus text exposition format 0.0.4.
+///
+/// Long: the Prometheus text, one metric family after another, each a few
+/// lines of HELP/TYPE and samples; the order is the exposition's.
 pub fn render(
     shards: &[ShardSnapshot],
     writer: Option<&WriterSnapshot>,

@@ -81,6 +81,10 @@ fn memlock_limit() -> u64 {
 
 /// Run the server until a shutdown signal; returns once everything stopped.
 /// `reload` is called on SIGHUP: tenants and keys change, the rest needs a restart.
+///
+/// Long: the process's start in order (config, storage, listeners, writer,
+/// readers, shards, signals) and its orderly stop; each step's failure is
+/// reported where it happens.
 pub fn run(cfg: Config, reload: LoadConfig) -> Result<(), StartError> {
     let cfg = Arc::new(cfg);
     // Every connection is a descriptor; 10,000 subscribers need more than the

@@ -316,6 +316,8 @@ pub fn run(s: Soak) -> Result<(), String> {
     handle.join().map_err(|e| e.to_string())?
 }
 
+/// Long: the soak's schedule (connect, publish on a timetable, sample, check
+/// every delivery) in one place, as the report reads it.
 async fn drive(s: Rc<Soak>) -> Result<(), String> {
     let seen = Rc::new(Seen::default());
     let gate = Rc::new(Cell::new(0usize));

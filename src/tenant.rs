@@ -163,6 +163,9 @@ fn valid_name(name: &str) -> bool {
 impl Tenancy {
     /// From the validated config: the tenants file if one is named, else
     /// `[[tenants]]`, else single-tenant mode.
+    ///
+    /// Long: each tenant's checks in turn (name, keys with roles, token keys,
+    /// files), each a few lines with the error that names what is wrong.
     pub fn from_config(cfg: &Config) -> Result<Tenancy, ConfigError> {
         let mut admin_keys = Vec::new();
         if let Some(d) = one_key(

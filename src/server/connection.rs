@@ -150,6 +150,10 @@ fn rate_limit(
 
 /// Serve one connection until it closes, errs, times out or the shard drains.
 /// `permit` holds the connection's place under `server.max_connections`.
+///
+/// Long: the connection's one state machine (head, route, body, answer or
+/// hand-over): every local lives in the connection's task, and each piece of it
+/// is named and commented where it is; helpers take the I/O steps out.
 pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, permit: Permit) {
     let registration = shard.conns.register(stream.as_raw_fd());
     let client = Client::of(&shard, &stream);
