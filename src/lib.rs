@@ -1,43 +1,51 @@
 //! shardcast: an event store that takes events over HTTP, commits them
 //! durably, and pushes them live to Server-Sent-Events clients.
 //!
-//! The data path, one module per stage:
+//! The data path, a folder per stage (`ls src/` reads as this map; no
+//! top-level module refers back to one above it: `tests/it/layout.rs`):
 //!
 //! ```text
-//!  client ──TCP──▶ accept   one SO_REUSEPORT socket per shard, one shard per core;
-//!                   │        connection cap (503 beyond it, request unread)
-//!                  http     parse, keep-alive, pipelining, timeouts, JSON errors;
-//!                   │        per-client rate limit (ratelimit: 429 + Retry-After)
-//!                  route    endpoint, key → tenant + role (tenant), or a
-//!                   │         subscription token → tenant + scope (token, filter);
-//!                   │         limits; parse events (event)
-//!                   │         ├─ lookups: LMDB index (index), no locks
-//!                   │         └─ reads: SQLite on the reader pool (reader);
-//!                   │            long replays a page at a time (replay)
-//!                  shard    per-core queue → one flume message per wakeup
-//!                   │
-//!                  writer   one thread: check ids/versions (index), one SQLite
-//!                   │        transaction per tenant per wakeup (storage), commit, then
-//!                   │        update LMDB and answer: one message per shard
+//!  client ──TCP──▶ server/accept      one SO_REUSEPORT socket per shard, one shard
+//!                   │                  per core; admission (shard/admission: 503
+//!                   │                  beyond the connection cap, request unread)
+//!                  server/connection  keep-alive, pipelining, timeouts; per-client
+//!                   │                  rate limit (ratelimit); heads, bodies and
+//!                   │                  answers as values (http)
+//!                  api                route table; auth once per request (api/auth:
+//!                   │                  key → tenant + role (tenant), or subscription
+//!                   │                  token → tenant + scope (token, filter));
+//!                   │                  handlers return a Reply (reads, writes, ops)
+//!                   │   ├─ lookups: LMDB index (storage/index), no locks
+//!                   │   └─ reads: SQLite on the reader pool (storage/reader);
+//!                   │      long replays a page at a time (api/replay)
+//!                  shard              per-core state; its writer client queues
+//!                   │                  appends → one flume message per wakeup
+//!                  writer             one thread: check ids/versions, one SQLite
+//!                   │                  transaction per tenant per wakeup
+//!                   │                  (writer/store, storage), commit, then LMDB,
+//!                   │                  then answer (writer/protocol: every message)
 //!                   ▼
-//!                  shard    wakes each waiting request → 200 after commit
-//!                   │        and puts the committed events in its ring
-//!                  sse      a commit wakes the subscribers it matches (index
-//!                            by type, stream, prefix); each: cursor into the
-//!                            ring, one write per wakeup; behind it → SQLite
+//!                  shard              wakes each waiting request → 200 after commit
+//!                   │                  and puts the committed events in its ring
+//!                  shard/fanout       a commit wakes the subscribers it matches
+//!                                      (index by type, stream, prefix); each
+//!                                      subscriber task: cursor into the ring, one
+//!                                      write per wakeup; behind it → SQLite
 //! ```
 //!
-//! Beside the path, `checkpoint` copies the WAL into the database on its own
-//! thread, so no commit waits for a checkpoint's fsync; `metrics` sums the
-//! shards' and the writer's own counters when scraped; `cli` holds the
-//! operator's commands (check, backup, config), `import` bringing an ebuse
-//! installation across. docs/architecture.md has the
-//! long version of this map.
+//! Beside the path, `storage/checkpoint` copies the WAL into the database on
+//! its own thread, so no commit waits for a checkpoint's fsync; `metrics`
+//! sums the shards' and the writer's own counters when scraped; `cli` holds
+//! the operator's commands (check, backup, config, token), `import` bringing
+//! an ebuse installation across. docs/architecture.md has the long version
+//! of this map.
 //!
 //! `config` holds every setting (raw TOML → validated `Config`), `limits` the
-//! fixed ones, `server` the process lifecycle, `log` logging that cannot
-//! panic or flood; `bench` and `soak` the load tools (`shardcast bench sse`,
-//! `shardcast bench soak`), `fuzzing` the fuzz targets' oracles.
+//! fixed ones (their relations checked when compiling), `server` the process
+//! lifecycle and each shard's executor (`server/executor`), `log` logging
+//! that cannot panic or flood, `ids` event ids and tenant numbers; `bench`
+//! and `soak` the load tools (`shardcast bench sse`, `shardcast bench soak`),
+//! `fuzzing` the fuzz targets' oracles.
 
 pub mod api;
 pub mod bench;
