@@ -276,6 +276,7 @@ impl Shard {
                     // Events committed before this head come from SQLite;
                     // the writer's messages carry every one after it.
                     fanout: crate::shard::fanout::Fanout::new(
+                        info.id,
                         index.head().unwrap_or(0),
                         self.cfg.sse.ring_events,
                     ),

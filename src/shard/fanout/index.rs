@@ -270,6 +270,8 @@ pub struct Waiters {
     all: HashSet<u64>,
     exact: HashMap<Key, HashSet<u64>>,
     prefixes: HashMap<Key, HashSet<u64>>,
+    /// Token subscribers whose token has expired, until they leave.
+    expired: HashSet<u64>,
 }
 
 impl Waiters {
@@ -363,12 +365,24 @@ impl Waiters {
         }
     }
 
-    /// Wake one registered subscriber (its token expired); a subscriber
-    /// that is not waiting checks for itself before it waits again.
-    pub fn wake(&self, id: u64) {
+    /// A subscriber's token expired: note it and wake it if it waits (one
+    /// that is not waiting checks the clock before it waits again).
+    pub fn expire(&mut self, id: u64) {
+        self.expired.insert(id);
         if let Some((w, _)) = self.wakers.get(&id) {
             w.wake_by_ref();
         }
+    }
+
+    /// The subscriber is gone: out of the index and of every set.
+    pub fn leave(&mut self, id: u64) {
+        self.unregister(id);
+        self.expired.remove(&id);
+    }
+
+    /// Whether `expire` was called for this subscriber.
+    pub fn expired(&self, id: u64) -> bool {
+        self.expired.contains(&id)
     }
 
     pub fn woken(&self, id: u64) -> bool {

@@ -65,6 +65,9 @@ pub fn encode_frame(out: &mut Vec<u8>, e: &Event) {
 /// The shard's ring of frames (one tenant's) and the subscribers waiting
 /// on it, both indexed by what subscribers follow (`index`).
 pub struct Fanout {
+    /// Whose events these are (a token subscriber gives its per-user place
+    /// back under it).
+    pub(super) tenant: crate::tenant::TenantId,
     pub(super) ring: RefCell<Ring>,
     /// Position of the newest event this shard has seen (its start head when none).
     pub(super) last: Cell<u64>,
@@ -87,8 +90,9 @@ pub struct Fanout {
 }
 
 impl Fanout {
-    pub fn new(start_head: u64, ring_max: usize) -> Fanout {
+    pub fn new(tenant: crate::tenant::TenantId, start_head: u64, ring_max: usize) -> Fanout {
         Fanout {
+            tenant,
             ring: RefCell::new(Ring::new(ring_max)),
             last: Cell::new(start_head),
             waiting: RefCell::new(Waiters::default()),
@@ -174,7 +178,7 @@ impl Fanout {
                 break;
             }
             expiring.pop_first();
-            self.waiting.borrow().wake(id);
+            self.waiting.borrow_mut().expire(id);
         }
     }
 
@@ -292,7 +296,7 @@ mod tests {
 
     #[test]
     fn the_ring_keeps_the_newest_and_stays_contiguous() {
-        let f = Fanout::new(10, 16);
+        let f = Fanout::new(0, 10, 16);
         assert_eq!(f.first(), 11);
         f.subscribers.set(1); // with none, nothing is encoded at all
         let evs: Vec<Event> = (8..=40).map(|p| ev(p, "t", "1")).collect();

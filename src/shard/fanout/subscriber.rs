@@ -12,7 +12,6 @@ use crate::config::SlowClient;
 use crate::http::query::query_param;
 use crate::http::ApiError;
 use crate::shard::{Shard, Tenant};
-use crate::tenant::TenantId;
 use crate::token::Grant;
 use futures_lite::{AsyncRead, AsyncWriteExt};
 use glommio::net::TcpStream;
@@ -36,8 +35,9 @@ pub struct Subscription {
     pub start: Start,
     /// The key it authenticated with, for `sse.max_per_key`.
     pub key: Option<Box<[u8]>>,
-    /// The token's user, when it came with a subscription token.
-    pub user: Option<User>,
+    /// The token's user, when it came with a subscription token (boxed: a
+    /// pointer in every subscriber's task, the rest only in token ones').
+    pub user: Option<Box<User>>,
     /// CORS header lines for the response, when the origin is allowed.
     pub cors: Option<String>,
 }
@@ -59,22 +59,22 @@ struct Slot<'a> {
     filter: &'a Filter,
     /// A token subscriber: its place under `sse.max_per_user`, given back
     /// through its shard, and its entry in `expiring`.
-    user: Option<(&'a Shard, TenantId, &'a User)>,
+    user: Option<(&'a Shard, &'a User)>,
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        self.fanout.waiting.borrow_mut().unregister(self.id);
+        self.fanout.waiting.borrow_mut().leave(self.id);
         self.fanout.ring.borrow_mut().remove_reader(self.filter);
         let n = self.fanout.subscribers.get();
         debug_assert!(n > 0, "a shard's subscriber count went negative");
         self.fanout.subscribers.set(n - 1);
-        if let Some((shard, tenant, user)) = self.user {
+        if let Some((shard, user)) = self.user {
             self.fanout
                 .expiring
                 .borrow_mut()
                 .remove(&(user.expires, self.id));
-            shard.release_user(tenant, &user.sub);
+            shard.release_user(self.fanout.tenant, &user.sub);
         }
         if let Some(k) = &self.key {
             let mut per_key = self.fanout.per_key.borrow_mut();
@@ -185,12 +185,13 @@ pub fn serve(
         // Needed only for the head: not kept for the subscription's lifetime.
         let cors = sub.cors.take();
         let filter = &sub.filter;
-        let user = sub.user.as_ref();
         // A token's user: a place under `sse.max_per_user` first (its
         // owning shard may be another), then the shard's own caps.
-        let counted = match user {
+        let counted = match sub.user.as_deref() {
             None => Ok(()),
-            Some(u) => match shard.acquire_user(tenant.id(), &u.sub).await {
+            // Boxed: the ask's state (a channel and a timer) would otherwise
+            // sit in every subscriber's task for its whole life.
+            Some(u) => match Box::pin(shard.acquire_user(tenant.id(), &u.sub)).await {
                 Ok(true) => Ok(()),
                 Ok(false) => Err(user_full(&shard)),
                 Err(()) => {
@@ -203,15 +204,15 @@ pub fn serve(
         };
         let admitted = counted.and_then(|()| {
             admit(&shard, &tenant.fanout, sub.key.take(), filter).inspect_err(|_| {
-                if let Some(u) = user {
+                if let Some(u) = sub.user.as_deref() {
                     shard.release_user(tenant.id(), &u.sub);
                 }
             })
         });
         let slot = match admitted {
             Ok(mut s) => {
-                if let Some(u) = user {
-                    s.user = Some((&*shard, tenant.id(), u));
+                if let Some(u) = sub.user.as_deref() {
+                    s.user = Some((&*shard, u));
                     tenant
                         .fanout
                         .expiring
@@ -274,7 +275,7 @@ Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: keep-alive\r\n",
                 return;
             }
             // 0. The token ran out: say so (with where to resume) and end.
-            if let Some(u) = user {
+            if let Some(u) = sub.user.as_deref() {
                 if crate::token::now_secs() >= u.expires {
                     out.extend_from_slice(
                         b"event: token_expired\ndata: {\"reason\":\"token_expired\",\"expired_at\":",
@@ -419,7 +420,9 @@ Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: keep-alive\r\n",
                 if fanout.closed.get() {
                     return Poll::Ready(Wake::Closed);
                 }
-                if user.is_some_and(|u| crate::token::now_secs() >= u.expires) {
+                // Told by the shard's expiry timer (`Fanout::expire`): no
+                // clock read per poll, nothing more kept per subscriber.
+                if fanout.waiting.borrow().expired(slot.id) {
                     return Poll::Ready(Wake::Expired);
                 }
                 if registered {
@@ -586,10 +589,10 @@ pub fn subscription(
             }
             (
                 filter.narrowed(&g.scope),
-                Some(User {
+                Some(Box::new(User {
                     sub: g.sub,
                     expires: g.expires,
-                }),
+                })),
             )
         }
     };
