@@ -296,113 +296,229 @@ pub struct RawConfig {
     pub rate_limit: RawRateLimit,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawRateLimit {
-    pub per_second: Option<f64>,
-    pub burst: Option<i64>,
-    pub max_tracked_addresses: Option<i64>,
+/// How a key's value is read from the environment (its TOML type follows
+/// from it), and whether it is a secret (`shardcast config` shows it only as
+/// set or not).
+pub trait Kind {
+    type T;
+    const SECRET: bool = false;
+    fn parse(name: &str, v: &str) -> Result<Self::T, ConfigError>;
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawStorage {
-    pub retain_events: Option<i64>,
-    pub retain_age: Option<String>,
-    pub max_database_bytes: Option<i64>,
+/// Free text.
+pub struct Text;
+/// An integer; its range is `Config::validate`'s.
+pub struct Int;
+/// A number with a fraction.
+pub struct Float;
+/// `1`/`true`/`yes`/`on` or `0`/`false`/`no`/`off`.
+pub struct Flag;
+/// Comma-separated in the environment, an array in TOML.
+pub struct List;
+/// A duration (`30s`, `1m30s`, `250ms`, `2h`, or bare seconds).
+pub struct Dur;
+/// Text never printed.
+pub struct Secret;
+/// A list never printed.
+pub struct SecretList;
+
+impl Kind for Text {
+    type T = String;
+    fn parse(_: &str, v: &str) -> Result<String, ConfigError> {
+        Ok(v.to_string())
+    }
+}
+impl Kind for Secret {
+    type T = String;
+    const SECRET: bool = true;
+    fn parse(_: &str, v: &str) -> Result<String, ConfigError> {
+        Ok(v.to_string())
+    }
+}
+impl Kind for Int {
+    type T = i64;
+    fn parse(name: &str, v: &str) -> Result<i64, ConfigError> {
+        v.trim()
+            .parse::<i64>()
+            .map_err(|_| err(name, format!("'{v}' is not an integer")))
+    }
+}
+impl Kind for Float {
+    type T = f64;
+    fn parse(name: &str, v: &str) -> Result<f64, ConfigError> {
+        v.trim()
+            .parse::<f64>()
+            .map_err(|_| err(name, format!("'{v}' is not a number")))
+    }
+}
+impl Kind for Flag {
+    type T = bool;
+    fn parse(name: &str, v: &str) -> Result<bool, ConfigError> {
+        match v.trim() {
+            "1" | "true" | "yes" | "on" => Ok(true),
+            "0" | "false" | "no" | "off" => Ok(false),
+            _ => Err(err(name, format!("'{v}' is not a boolean"))),
+        }
+    }
+}
+impl Kind for List {
+    type T = Vec<String>;
+    fn parse(_: &str, v: &str) -> Result<Vec<String>, ConfigError> {
+        Ok(v.split(',')
+            .map(|o| o.trim().to_string())
+            .filter(|o| !o.is_empty())
+            .collect())
+    }
+}
+impl Kind for SecretList {
+    type T = Vec<String>;
+    const SECRET: bool = true;
+    fn parse(name: &str, v: &str) -> Result<Vec<String>, ConfigError> {
+        List::parse(name, v)
+    }
+}
+impl Kind for Dur {
+    type T = String;
+    fn parse(name: &str, v: &str) -> Result<String, ConfigError> {
+        parse_duration(v).map_err(|m| err(name, m))?;
+        Ok(v.to_string())
+    }
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawServer {
-    pub listen: Option<String>,
-    pub shards: Option<i64>,
-    pub backlog: Option<i64>,
-    pub max_body_bytes: Option<i64>,
-    pub max_header_bytes: Option<i64>,
-    pub read_timeout: Option<String>,
-    pub write_timeout: Option<String>,
-    pub idle_timeout: Option<String>,
-    pub shutdown_timeout: Option<String>,
-    pub io_memory_bytes: Option<i64>,
-    pub pin_cpus: Option<bool>,
-    pub cors_origins: Option<Vec<String>>,
-    pub cors_allow_credentials: Option<bool>,
-    pub gzip: Option<bool>,
-    pub gzip_min_bytes: Option<i64>,
-    pub gzip_level: Option<i64>,
-    pub max_connections: Option<i64>,
-    pub trusted_proxies: Option<Vec<String>>,
+/// Every key, declared once: its section, name and kind. From this come the
+/// raw sections (what the file and the environment may say, each key
+/// optional), `KEYS` (the `SHARDCAST_<SECTION>_<KEY>` names, `shardcast
+/// config`, the docs and profile checks), the environment's parsing
+/// (`set_raw`), which keys are secret, and the overlay of one raw config on
+/// another. Ranges, defaults (tuning/default.toml) and the relations between
+/// keys are `Config::validate`'s.
+macro_rules! config_keys {
+    ($( $section:ident : $Raw:ident { $( $key:ident : $kind:ident ),* $(,)? } )*) => {
+        $(
+            #[derive(Debug, Default, Deserialize)]
+            #[serde(deny_unknown_fields)]
+            pub struct $Raw {
+                $( pub $key: Option<<$kind as Kind>::T>, )*
+            }
+        )*
+
+        /// Every key, as (section, key), in the default file's order; the
+        /// environment name is `SHARDCAST_SECTION_KEY`.
+        pub const KEYS: &[(&str, &str)] = &[ $( $( (stringify!($section), stringify!($key)), )* )* ];
+
+        /// Set one key from a string (an environment variable).
+        fn set_raw(raw: &mut RawConfig, section: &str, key: &str, v: String) -> Result<(), ConfigError> {
+            let name = format!("{section}.{key}");
+            match (section, key) {
+                $( $( (stringify!($section), stringify!($key)) => {
+                    raw.$section.$key = Some(<$kind as Kind>::parse(&name, &v)?)
+                } )* )*
+                _ => return Err(err(&name, "unknown key")),
+            }
+            Ok(())
+        }
+
+        /// Keys whose values are never printed.
+        fn is_secret(section: &str, key: &str) -> bool {
+            match (section, key) {
+                $( $( (stringify!($section), stringify!($key)) => <$kind as Kind>::SECRET, )* )*
+                _ => false,
+            }
+        }
+
+        impl RawConfig {
+            /// `other`'s set keys win over `self`'s.
+            fn overlay(mut self, mut other: RawConfig) -> RawConfig {
+                $( $( self.$section.$key = other.$section.$key.take().or(self.$section.$key.take()); )* )*
+                if !other.tenants.is_empty() {
+                    self.tenants = other.tenants;
+                }
+                self
+            }
+        }
+    };
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawWriter {
-    pub batch_events_max: Option<i64>,
-    pub queue_requests_max: Option<i64>,
-    pub queue_bytes_max: Option<i64>,
-    pub retry_after_secs: Option<i64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawApi {
-    pub batch_events_max: Option<i64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawAuth {
-    pub api_key: Option<String>,
-    pub read_api_keys: Option<Vec<String>>,
-    pub admin_api_key: Option<String>,
-    pub admin_api_key_sha256: Option<String>,
-    pub tenants_file: Option<String>,
-    pub token_secret: Option<String>,
-    pub token_secret_previous: Option<String>,
-    pub token_public_key: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawDatabase {
-    pub path: Option<String>,
-    pub synchronous: Option<String>,
-    pub cache_size: Option<i64>,
-    pub mmap_size: Option<i64>,
-    pub busy_timeout: Option<String>,
-    pub wal_autocheckpoint: Option<i64>,
-    pub journal_size_limit: Option<i64>,
-    pub read_connections: Option<i64>,
-    pub tenants_dir: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawIndex {
-    pub path: Option<String>,
-    pub map_size: Option<i64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawSse {
-    pub ring_events: Option<i64>,
-    pub client_buffer_events: Option<i64>,
-    pub slow_client: Option<String>,
-    pub max_connections: Option<i64>,
-    pub max_per_key: Option<i64>,
-    pub max_per_user: Option<i64>,
-    pub heartbeat_interval: Option<String>,
-    pub retry_ms: Option<i64>,
-    pub catch_up_batch_events: Option<i64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawLog {
-    pub level: Option<String>,
-    pub format: Option<String>,
+config_keys! {
+    server: RawServer {
+        listen: Text,
+        shards: Int,
+        backlog: Int,
+        max_body_bytes: Int,
+        max_header_bytes: Int,
+        read_timeout: Dur,
+        write_timeout: Dur,
+        idle_timeout: Dur,
+        shutdown_timeout: Dur,
+        io_memory_bytes: Int,
+        pin_cpus: Flag,
+        cors_origins: List,
+        cors_allow_credentials: Flag,
+        gzip: Flag,
+        gzip_min_bytes: Int,
+        gzip_level: Int,
+        max_connections: Int,
+        trusted_proxies: List,
+    }
+    writer: RawWriter {
+        batch_events_max: Int,
+        queue_requests_max: Int,
+        queue_bytes_max: Int,
+        retry_after_secs: Int,
+    }
+    api: RawApi {
+        batch_events_max: Int,
+    }
+    auth: RawAuth {
+        api_key: Secret,
+        read_api_keys: SecretList,
+        admin_api_key: Secret,
+        admin_api_key_sha256: Text,
+        tenants_file: Text,
+        token_secret: Secret,
+        token_secret_previous: Secret,
+        token_public_key: Text,
+    }
+    database: RawDatabase {
+        path: Text,
+        synchronous: Text,
+        cache_size: Int,
+        mmap_size: Int,
+        busy_timeout: Dur,
+        wal_autocheckpoint: Int,
+        journal_size_limit: Int,
+        read_connections: Int,
+        tenants_dir: Text,
+    }
+    index: RawIndex {
+        path: Text,
+        map_size: Int,
+    }
+    log: RawLog {
+        level: Text,
+        format: Text,
+    }
+    sse: RawSse {
+        ring_events: Int,
+        client_buffer_events: Int,
+        slow_client: Text,
+        max_connections: Int,
+        max_per_key: Int,
+        max_per_user: Int,
+        heartbeat_interval: Dur,
+        retry_ms: Int,
+        catch_up_batch_events: Int,
+    }
+    storage: RawStorage {
+        retain_events: Int,
+        retain_age: Dur,
+        max_database_bytes: Int,
+    }
+    rate_limit: RawRateLimit {
+        per_second: Float,
+        burst: Int,
+        max_tracked_addresses: Int,
+    }
 }
 
 /// Parse a duration the way ebuse's Go flags do (`30s`, `1m30s`, `500ms`, `2h`),
@@ -485,69 +601,6 @@ impl Env for std::collections::HashMap<String, String> {
     }
 }
 
-/// Every key, as `section.key`; the env name is `SHARDCAST_SECTION_KEY`.
-pub const KEYS: &[(&str, &str)] = &[
-    ("server", "listen"),
-    ("server", "shards"),
-    ("server", "backlog"),
-    ("server", "max_body_bytes"),
-    ("server", "max_header_bytes"),
-    ("server", "read_timeout"),
-    ("server", "write_timeout"),
-    ("server", "idle_timeout"),
-    ("server", "shutdown_timeout"),
-    ("server", "io_memory_bytes"),
-    ("server", "pin_cpus"),
-    ("server", "cors_origins"),
-    ("server", "cors_allow_credentials"),
-    ("server", "gzip"),
-    ("server", "gzip_min_bytes"),
-    ("server", "gzip_level"),
-    ("server", "max_connections"),
-    ("server", "trusted_proxies"),
-    ("writer", "batch_events_max"),
-    ("writer", "queue_requests_max"),
-    ("writer", "queue_bytes_max"),
-    ("writer", "retry_after_secs"),
-    ("api", "batch_events_max"),
-    ("auth", "api_key"),
-    ("auth", "read_api_keys"),
-    ("auth", "admin_api_key"),
-    ("auth", "admin_api_key_sha256"),
-    ("auth", "tenants_file"),
-    ("auth", "token_secret"),
-    ("auth", "token_secret_previous"),
-    ("auth", "token_public_key"),
-    ("database", "path"),
-    ("database", "synchronous"),
-    ("database", "cache_size"),
-    ("database", "mmap_size"),
-    ("database", "busy_timeout"),
-    ("database", "wal_autocheckpoint"),
-    ("database", "journal_size_limit"),
-    ("database", "read_connections"),
-    ("database", "tenants_dir"),
-    ("index", "path"),
-    ("index", "map_size"),
-    ("log", "level"),
-    ("log", "format"),
-    ("sse", "ring_events"),
-    ("sse", "client_buffer_events"),
-    ("sse", "slow_client"),
-    ("sse", "max_connections"),
-    ("sse", "max_per_key"),
-    ("sse", "max_per_user"),
-    ("sse", "heartbeat_interval"),
-    ("sse", "retry_ms"),
-    ("sse", "catch_up_batch_events"),
-    ("storage", "retain_events"),
-    ("storage", "retain_age"),
-    ("storage", "max_database_bytes"),
-    ("rate_limit", "per_second"),
-    ("rate_limit", "burst"),
-    ("rate_limit", "max_tracked_addresses"),
-];
-
 /// ebuse's environment names and the key each one sets.
 pub const EBUSE_ENV: &[(&str, &str, &str)] = &[
     ("ENABLE_GZIP", "server", "gzip"),
@@ -560,119 +613,6 @@ pub const EBUSE_ENV: &[(&str, &str, &str)] = &[
     ("RATE_LIMIT", "rate_limit", "per_second"),
     ("RATE_BURST", "rate_limit", "burst"),
 ];
-
-fn set_raw(raw: &mut RawConfig, section: &str, key: &str, v: String) -> Result<(), ConfigError> {
-    let name = format!("{section}.{key}");
-    let int = |v: &str| -> Result<i64, ConfigError> {
-        v.trim()
-            .parse::<i64>()
-            .map_err(|_| err(&name, format!("'{v}' is not an integer")))
-    };
-    let boolean = |v: &str| -> Result<bool, ConfigError> {
-        match v.trim() {
-            "1" | "true" | "yes" | "on" => Ok(true),
-            "0" | "false" | "no" | "off" => Ok(false),
-            _ => Err(err(&name, format!("'{v}' is not a boolean"))),
-        }
-    };
-    if key.ends_with("timeout") || key.ends_with("interval") || key == "retain_age" {
-        parse_duration(&v).map_err(|m| err(&name, m))?;
-    }
-    match (section, key) {
-        ("server", "listen") => raw.server.listen = Some(v),
-        ("server", "shards") => raw.server.shards = Some(int(&v)?),
-        ("server", "backlog") => raw.server.backlog = Some(int(&v)?),
-        ("server", "max_body_bytes") => raw.server.max_body_bytes = Some(int(&v)?),
-        ("server", "max_header_bytes") => raw.server.max_header_bytes = Some(int(&v)?),
-        ("server", "read_timeout") => raw.server.read_timeout = Some(v),
-        ("server", "write_timeout") => raw.server.write_timeout = Some(v),
-        ("server", "idle_timeout") => raw.server.idle_timeout = Some(v),
-        ("server", "shutdown_timeout") => raw.server.shutdown_timeout = Some(v),
-        ("server", "io_memory_bytes") => raw.server.io_memory_bytes = Some(int(&v)?),
-        ("server", "pin_cpus") => raw.server.pin_cpus = Some(boolean(&v)?),
-        ("server", "cors_origins") => {
-            raw.server.cors_origins = Some(
-                v.split(',')
-                    .map(|o| o.trim().to_string())
-                    .filter(|o| !o.is_empty())
-                    .collect(),
-            )
-        }
-        ("server", "gzip") => raw.server.gzip = Some(boolean(&v)?),
-        ("server", "gzip_min_bytes") => raw.server.gzip_min_bytes = Some(int(&v)?),
-        ("server", "gzip_level") => raw.server.gzip_level = Some(int(&v)?),
-        ("server", "max_connections") => raw.server.max_connections = Some(int(&v)?),
-        ("server", "trusted_proxies") => {
-            raw.server.trusted_proxies = Some(
-                v.split(',')
-                    .map(|o| o.trim().to_string())
-                    .filter(|o| !o.is_empty())
-                    .collect(),
-            )
-        }
-        ("server", "cors_allow_credentials") => {
-            raw.server.cors_allow_credentials = Some(boolean(&v)?)
-        }
-        ("writer", "batch_events_max") => raw.writer.batch_events_max = Some(int(&v)?),
-        ("writer", "queue_requests_max") => raw.writer.queue_requests_max = Some(int(&v)?),
-        ("writer", "queue_bytes_max") => raw.writer.queue_bytes_max = Some(int(&v)?),
-        ("writer", "retry_after_secs") => raw.writer.retry_after_secs = Some(int(&v)?),
-        ("api", "batch_events_max") => raw.api.batch_events_max = Some(int(&v)?),
-        ("auth", "api_key") => raw.auth.api_key = Some(v),
-        ("auth", "read_api_keys") => {
-            raw.auth.read_api_keys = Some(
-                v.split(',')
-                    .map(|k| k.trim().to_string())
-                    .filter(|k| !k.is_empty())
-                    .collect(),
-            )
-        }
-        ("auth", "admin_api_key") => raw.auth.admin_api_key = Some(v),
-        ("auth", "admin_api_key_sha256") => raw.auth.admin_api_key_sha256 = Some(v),
-        ("auth", "tenants_file") => raw.auth.tenants_file = Some(v),
-        ("auth", "token_secret") => raw.auth.token_secret = Some(v),
-        ("auth", "token_secret_previous") => raw.auth.token_secret_previous = Some(v),
-        ("auth", "token_public_key") => raw.auth.token_public_key = Some(v),
-        ("database", "tenants_dir") => raw.database.tenants_dir = Some(v),
-        ("storage", "max_database_bytes") => raw.storage.max_database_bytes = Some(int(&v)?),
-        ("database", "path") => raw.database.path = Some(v),
-        ("database", "synchronous") => raw.database.synchronous = Some(v),
-        ("database", "cache_size") => raw.database.cache_size = Some(int(&v)?),
-        ("database", "mmap_size") => raw.database.mmap_size = Some(int(&v)?),
-        ("database", "busy_timeout") => raw.database.busy_timeout = Some(v),
-        ("database", "wal_autocheckpoint") => raw.database.wal_autocheckpoint = Some(int(&v)?),
-        ("database", "journal_size_limit") => raw.database.journal_size_limit = Some(int(&v)?),
-        ("index", "path") => raw.index.path = Some(v),
-        ("index", "map_size") => raw.index.map_size = Some(int(&v)?),
-        ("log", "level") => raw.log.level = Some(v),
-        ("log", "format") => raw.log.format = Some(v),
-        ("database", "read_connections") => raw.database.read_connections = Some(int(&v)?),
-        ("sse", "ring_events") => raw.sse.ring_events = Some(int(&v)?),
-        ("sse", "client_buffer_events") => raw.sse.client_buffer_events = Some(int(&v)?),
-        ("sse", "slow_client") => raw.sse.slow_client = Some(v),
-        ("sse", "max_connections") => raw.sse.max_connections = Some(int(&v)?),
-        ("sse", "max_per_key") => raw.sse.max_per_key = Some(int(&v)?),
-        ("sse", "max_per_user") => raw.sse.max_per_user = Some(int(&v)?),
-        ("sse", "heartbeat_interval") => raw.sse.heartbeat_interval = Some(v),
-        ("sse", "retry_ms") => raw.sse.retry_ms = Some(int(&v)?),
-        ("sse", "catch_up_batch_events") => raw.sse.catch_up_batch_events = Some(int(&v)?),
-        ("storage", "retain_events") => raw.storage.retain_events = Some(int(&v)?),
-        ("storage", "retain_age") => raw.storage.retain_age = Some(v),
-        ("rate_limit", "per_second") => {
-            raw.rate_limit.per_second = Some(
-                v.trim()
-                    .parse::<f64>()
-                    .map_err(|_| err(&name, format!("'{v}' is not a number")))?,
-            )
-        }
-        ("rate_limit", "burst") => raw.rate_limit.burst = Some(int(&v)?),
-        ("rate_limit", "max_tracked_addresses") => {
-            raw.rate_limit.max_tracked_addresses = Some(int(&v)?)
-        }
-        _ => return Err(err(&name, "unknown key")),
-    }
-    Ok(())
-}
 
 /// Apply the environment on top of the file: ebuse's names first, then the
 /// `SHARDCAST_*` names, which are more specific and win.
@@ -716,11 +656,6 @@ pub struct Explained {
     pub value: String,
     /// `default`, `file PATH` or `env NAME`.
     pub origin: String,
-}
-
-/// Keys whose values are never printed.
-fn is_secret(key: &str) -> bool {
-    (key.contains("api_key") && !key.ends_with("sha256")) || key.contains("token_secret")
 }
 
 /// Every key's effective value and its origin, for the same inputs as
@@ -783,7 +718,7 @@ pub fn explain(
             value = as_env(v);
             origin = format!("env {var}");
         }
-        if is_secret(key) {
+        if is_secret(section, key) {
             let set = !matches!(value.as_str(), "\"\"" | "[]" | "");
             value = if set {
                 "<set, not shown>".into()
@@ -1262,105 +1197,6 @@ impl Config {
 
 /// `server.max_connections = 0` means this many plus `sse.max_connections`.
 pub const DEFAULT_NON_SSE_CONNECTIONS: usize = 10_000;
-
-impl RawConfig {
-    /// `other`'s set keys win over `self`'s.
-    fn overlay(self, other: RawConfig) -> RawConfig {
-        macro_rules! pick {
-            ($a:expr, $b:expr, $($f:ident),*) => {{ $( $a.$f = $b.$f.or($a.$f); )* }};
-        }
-        let mut out = self;
-        pick!(
-            out.server,
-            other.server,
-            listen,
-            shards,
-            backlog,
-            max_body_bytes,
-            max_header_bytes,
-            read_timeout,
-            write_timeout,
-            idle_timeout,
-            shutdown_timeout,
-            io_memory_bytes,
-            pin_cpus,
-            cors_origins,
-            cors_allow_credentials,
-            gzip,
-            gzip_min_bytes,
-            gzip_level,
-            max_connections,
-            trusted_proxies
-        );
-        pick!(
-            out.writer,
-            other.writer,
-            batch_events_max,
-            queue_requests_max,
-            queue_bytes_max,
-            retry_after_secs
-        );
-        pick!(out.api, other.api, batch_events_max);
-        pick!(
-            out.auth,
-            other.auth,
-            api_key,
-            read_api_keys,
-            admin_api_key,
-            admin_api_key_sha256,
-            tenants_file,
-            token_secret,
-            token_secret_previous,
-            token_public_key
-        );
-        if !other.tenants.is_empty() {
-            out.tenants = other.tenants;
-        }
-        pick!(
-            out.database,
-            other.database,
-            path,
-            synchronous,
-            cache_size,
-            mmap_size,
-            busy_timeout,
-            wal_autocheckpoint,
-            journal_size_limit,
-            read_connections,
-            tenants_dir
-        );
-        pick!(
-            out.storage,
-            other.storage,
-            retain_events,
-            retain_age,
-            max_database_bytes
-        );
-        pick!(
-            out.rate_limit,
-            other.rate_limit,
-            per_second,
-            burst,
-            max_tracked_addresses
-        );
-        pick!(
-            out.sse,
-            other.sse,
-            ring_events,
-            client_buffer_events,
-            slow_client,
-            max_connections,
-            max_per_key,
-            max_per_user,
-            heartbeat_interval,
-            retry_ms,
-            catch_up_batch_events
-        );
-        pick!(out.index, other.index, path, map_size);
-        pick!(out.log, other.log, level, format);
-        out
-    }
-}
 
 #[cfg(test)]
 mod tests {
