@@ -385,15 +385,18 @@ impl Kind for Dur {
     }
 }
 
-/// Every key, declared once: its section, name and kind. From this come the
+/// Every key, declared once: its section, name, kind, and for integers the
+/// range its value must lie in. From this come the
 /// raw sections (what the file and the environment may say, each key
 /// optional), `KEYS` (the `SHARDCAST_<SECTION>_<KEY>` names, `shardcast
 /// config`, the docs and profile checks), the environment's parsing
 /// (`set_raw`), which keys are secret, and the overlay of one raw config on
-/// another. Ranges, defaults (tuning/default.toml) and the relations between
-/// keys are `Config::validate`'s.
+/// another, and the range checks of `Config::validate`; defaults
+/// (tuning/default.toml) and the relations between keys are its own.
 macro_rules! config_keys {
-    ($( $section:ident : $Raw:ident { $( $key:ident : $kind:ident ),* $(,)? } )*) => {
+    (@range) => { None };
+    (@range $lo:expr, $hi:expr) => { Some(($lo, $hi)) };
+    ($( $section:ident : $Raw:ident { $( $key:ident : $kind:ident $( ( $lo:expr, $hi:expr ) )? ),* $(,)? } )*) => {
         $(
             #[derive(Debug, Default, Deserialize)]
             #[serde(deny_unknown_fields)]
@@ -416,6 +419,15 @@ macro_rules! config_keys {
                 _ => return Err(err(&name, "unknown key")),
             }
             Ok(())
+        }
+
+        /// The range an integer key's value must lie in, where the table
+        /// gives one (`Config::validate` checks it with the key's name).
+        fn int_range(section: &str, key: &str) -> Option<(i64, i64)> {
+            match (section, key) {
+                $( $( (stringify!($section), stringify!($key)) => config_keys!(@range $( $lo, $hi )?), )* )*
+                _ => None,
+            }
         }
 
         /// Keys whose values are never printed.
@@ -442,32 +454,32 @@ macro_rules! config_keys {
 config_keys! {
     server: RawServer {
         listen: Text,
-        shards: Int,
-        backlog: Int,
-        max_body_bytes: Int,
-        max_header_bytes: Int,
+        shards: Int(0, 1024),
+        backlog: Int(1, 1 << 20),
+        max_body_bytes: Int(1024, 1 << 30),
+        max_header_bytes: Int(1024, 1 << 20),
         read_timeout: Dur,
         write_timeout: Dur,
         idle_timeout: Dur,
         shutdown_timeout: Dur,
-        io_memory_bytes: Int,
+        io_memory_bytes: Int(64 * 1024, 64 << 20),
         pin_cpus: Flag,
         cors_origins: List,
         cors_allow_credentials: Flag,
         gzip: Flag,
-        gzip_min_bytes: Int,
-        gzip_level: Int,
-        max_connections: Int,
+        gzip_min_bytes: Int(0, i64::MAX),
+        gzip_level: Int(1, 9),
+        max_connections: Int(0, 100_000_000),
         trusted_proxies: List,
     }
     writer: RawWriter {
-        batch_events_max: Int,
-        queue_requests_max: Int,
-        queue_bytes_max: Int,
-        retry_after_secs: Int,
+        batch_events_max: Int(1, 1_000_000),
+        queue_requests_max: Int(1, 10_000_000),
+        queue_bytes_max: Int(1 << 20, i64::MAX),
+        retry_after_secs: Int(1, 3600),
     }
     api: RawApi {
-        batch_events_max: Int,
+        batch_events_max: Int(1, 100_000),
     }
     auth: RawAuth {
         api_key: Secret,
@@ -483,41 +495,41 @@ config_keys! {
         path: Text,
         synchronous: Text,
         cache_size: Int,
-        mmap_size: Int,
+        mmap_size: Int(0, i64::MAX),
         busy_timeout: Dur,
-        wal_autocheckpoint: Int,
-        journal_size_limit: Int,
-        read_connections: Int,
+        wal_autocheckpoint: Int(0, i32::MAX as i64),
+        journal_size_limit: Int(-1, i64::MAX),
+        read_connections: Int(1, 256),
         tenants_dir: Text,
     }
     index: RawIndex {
         path: Text,
-        map_size: Int,
+        map_size: Int(1 << 20, 1 << 44),
     }
     log: RawLog {
         level: Text,
         format: Text,
     }
     sse: RawSse {
-        ring_events: Int,
-        client_buffer_events: Int,
+        ring_events: Int(16, 1 << 24),
+        client_buffer_events: Int(1, 1 << 24),
         slow_client: Text,
-        max_connections: Int,
-        max_per_key: Int,
-        max_per_user: Int,
+        max_connections: Int(0, 10_000_000),
+        max_per_key: Int(0, 10_000_000),
+        max_per_user: Int(0, 10_000_000),
         heartbeat_interval: Dur,
-        retry_ms: Int,
-        catch_up_batch_events: Int,
+        retry_ms: Int(0, 3_600_000),
+        catch_up_batch_events: Int(1, 100_000),
     }
     storage: RawStorage {
-        retain_events: Int,
+        retain_events: Int(0, i64::MAX),
         retain_age: Dur,
-        max_database_bytes: Int,
+        max_database_bytes: Int(0, i64::MAX),
     }
     rate_limit: RawRateLimit {
         per_second: Float,
-        burst: Int,
-        max_tracked_addresses: Int,
+        burst: Int(1, 1_000_000),
+        max_tracked_addresses: Int(1, 100_000_000),
     }
 }
 
@@ -769,6 +781,15 @@ impl Config {
                 Ok(v)
             }
         }
+        // A key's integer, within the range the key table declares for it.
+        fn int(v: Option<i64>, key: &str) -> Result<i64, ConfigError> {
+            let v = need(v, key)?;
+            let (section, name) = key.split_once('.').unwrap_or(("", key));
+            match int_range(section, name) {
+                Some((lo, hi)) => range(v, key, lo, hi),
+                None => Ok(v),
+            }
+        }
         fn dur(v: Option<String>, key: &str) -> Result<Duration, ConfigError> {
             let v = need(v, key)?;
             parse_duration(&v).map_err(|m| err(key, m))
@@ -784,8 +805,7 @@ impl Config {
         let online = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
-        let shards_raw =
-            range(need(s.shards, "server.shards")?, "server.shards", 0, 1024)? as usize;
+        let shards_raw = int(s.shards, "server.shards")? as usize;
         // The writer takes the last CPU; shards get the rest, at least one.
         let shards = if shards_raw == 0 {
             online.saturating_sub(1).max(1)
@@ -810,59 +830,24 @@ impl Config {
             listen,
             shards,
             shard_cpus,
-            backlog: range(
-                need(s.backlog, "server.backlog")?,
-                "server.backlog",
-                1,
-                1 << 20,
-            )? as i32,
-            max_body_bytes: range(
-                need(s.max_body_bytes, "server.max_body_bytes")?,
-                "server.max_body_bytes",
-                1024,
-                1 << 30,
-            )? as usize,
-            max_header_bytes: range(
-                need(s.max_header_bytes, "server.max_header_bytes")?,
-                "server.max_header_bytes",
-                1024,
-                1 << 20,
-            )? as usize,
+            backlog: int(s.backlog, "server.backlog")? as i32,
+            max_body_bytes: int(s.max_body_bytes, "server.max_body_bytes")? as usize,
+            max_header_bytes: int(s.max_header_bytes, "server.max_header_bytes")? as usize,
             read_timeout: dur(s.read_timeout, "server.read_timeout")?,
             write_timeout: dur(s.write_timeout, "server.write_timeout")?,
             idle_timeout: dur(s.idle_timeout, "server.idle_timeout")?,
             shutdown_timeout: dur(s.shutdown_timeout, "server.shutdown_timeout")?,
-            io_memory_bytes: range(
-                need(s.io_memory_bytes, "server.io_memory_bytes")?,
-                "server.io_memory_bytes",
-                64 * 1024,
-                64 << 20,
-            )? as usize,
+            io_memory_bytes: int(s.io_memory_bytes, "server.io_memory_bytes")? as usize,
             cors_origins: s.cors_origins.unwrap_or_default(),
             cors_allow_credentials: s.cors_allow_credentials.unwrap_or(false),
             gzip_min_bytes: if need(s.gzip, "server.gzip")? {
-                Some(range(
-                    need(s.gzip_min_bytes, "server.gzip_min_bytes")?,
-                    "server.gzip_min_bytes",
-                    0,
-                    i64::MAX,
-                )? as usize)
+                Some(int(s.gzip_min_bytes, "server.gzip_min_bytes")? as usize)
             } else {
                 None
             },
-            gzip_level: range(
-                need(s.gzip_level, "server.gzip_level")?,
-                "server.gzip_level",
-                1,
-                9,
-            )? as u32,
+            gzip_level: int(s.gzip_level, "server.gzip_level")? as u32,
             // Resolved below, once the SSE cap is known.
-            max_connections: range(
-                need(s.max_connections, "server.max_connections")?,
-                "server.max_connections",
-                0,
-                100_000_000,
-            )? as usize,
+            max_connections: int(s.max_connections, "server.max_connections")? as usize,
             trusted_proxies: s
                 .trusted_proxies
                 .unwrap_or_default()
@@ -898,40 +883,15 @@ impl Config {
         }
         let w = raw.writer;
         let writer = WriterConfig {
-            batch_events_max: range(
-                need(w.batch_events_max, "writer.batch_events_max")?,
-                "writer.batch_events_max",
-                1,
-                1_000_000,
-            )? as usize,
-            queue_requests_max: range(
-                need(w.queue_requests_max, "writer.queue_requests_max")?,
-                "writer.queue_requests_max",
-                1,
-                10_000_000,
-            )? as usize,
-            queue_bytes_max: range(
-                need(w.queue_bytes_max, "writer.queue_bytes_max")?,
-                "writer.queue_bytes_max",
-                1 << 20,
-                i64::MAX,
-            )? as usize,
+            batch_events_max: int(w.batch_events_max, "writer.batch_events_max")? as usize,
+            queue_requests_max: int(w.queue_requests_max, "writer.queue_requests_max")? as usize,
+            queue_bytes_max: int(w.queue_bytes_max, "writer.queue_bytes_max")? as usize,
             cpu: writer_cpu,
-            retry_after_secs: range(
-                need(w.retry_after_secs, "writer.retry_after_secs")?,
-                "writer.retry_after_secs",
-                1,
-                3600,
-            )? as u32,
+            retry_after_secs: int(w.retry_after_secs, "writer.retry_after_secs")? as u32,
         };
         let a = raw.api;
         let api = ApiConfig {
-            batch_events_max: range(
-                need(a.batch_events_max, "api.batch_events_max")?,
-                "api.batch_events_max",
-                1,
-                100_000,
-            )? as usize,
+            batch_events_max: int(a.batch_events_max, "api.batch_events_max")? as usize,
         };
         if api.batch_events_max > writer.batch_events_max {
             return Err(err(
@@ -986,37 +946,16 @@ impl Config {
         let database = DatabaseConfig {
             synchronous,
             cache_size: need(d.cache_size, "database.cache_size")?,
-            mmap_size_bytes: range(
-                need(d.mmap_size, "database.mmap_size")?,
-                "database.mmap_size",
-                0,
-                i64::MAX,
-            )? as u64,
+            mmap_size_bytes: int(d.mmap_size, "database.mmap_size")? as u64,
             busy_timeout: dur(d.busy_timeout, "database.busy_timeout")?,
-            wal_autocheckpoint_pages: range(
-                need(d.wal_autocheckpoint, "database.wal_autocheckpoint")?,
-                "database.wal_autocheckpoint",
-                0,
-                i32::MAX as i64,
-            )? as u32,
-            journal_size_limit_bytes: range(
-                need(d.journal_size_limit, "database.journal_size_limit")?,
-                "database.journal_size_limit",
-                -1,
-                i64::MAX,
-            )?,
-            read_connections: range(
-                need(d.read_connections, "database.read_connections")?,
-                "database.read_connections",
-                1,
-                256,
-            )? as usize,
+            wal_autocheckpoint_pages: int(d.wal_autocheckpoint, "database.wal_autocheckpoint")?
+                as u32,
+            journal_size_limit_bytes: int(d.journal_size_limit, "database.journal_size_limit")?,
+            read_connections: int(d.read_connections, "database.read_connections")? as usize,
             path,
-            max_database_bytes: match range(
-                need(raw.storage.max_database_bytes, "storage.max_database_bytes")?,
+            max_database_bytes: match int(
+                raw.storage.max_database_bytes,
                 "storage.max_database_bytes",
-                0,
-                i64::MAX,
             )? {
                 0 => None,
                 b => Some(b as u64),
@@ -1041,12 +980,7 @@ impl Config {
         };
         let index = IndexConfig {
             path: index_path,
-            map_size_bytes: range(
-                need(i.map_size, "index.map_size")?,
-                "index.map_size",
-                1 << 20,
-                1 << 44,
-            )? as usize,
+            map_size_bytes: int(i.map_size, "index.map_size")? as usize,
         };
         let l = raw.log;
         let log = LogConfig {
@@ -1063,29 +997,14 @@ impl Config {
             },
         };
         let storage = StorageConfig {
-            retain_events: range(
-                need(raw.storage.retain_events, "storage.retain_events")?,
-                "storage.retain_events",
-                0,
-                i64::MAX,
-            )? as u64,
+            retain_events: int(raw.storage.retain_events, "storage.retain_events")? as u64,
             retain_age: Some(dur(raw.storage.retain_age, "storage.retain_age")?)
                 .filter(|d| !d.is_zero()),
         };
         let e = raw.sse;
         let sse = SseConfig {
-            ring_events: range(
-                need(e.ring_events, "sse.ring_events")?,
-                "sse.ring_events",
-                16,
-                1 << 24,
-            )? as usize,
-            client_buffer_events: range(
-                need(e.client_buffer_events, "sse.client_buffer_events")?,
-                "sse.client_buffer_events",
-                1,
-                1 << 24,
-            )? as usize,
+            ring_events: int(e.ring_events, "sse.ring_events")? as usize,
+            client_buffer_events: int(e.client_buffer_events, "sse.client_buffer_events")? as usize,
             slow_client: match need(e.slow_client, "sse.slow_client")?.as_str() {
                 "catch_up" => SlowClient::CatchUp,
                 "disconnect" => SlowClient::Disconnect,
@@ -1096,37 +1015,13 @@ impl Config {
                     ))
                 }
             },
-            max_connections: range(
-                need(e.max_connections, "sse.max_connections")?,
-                "sse.max_connections",
-                0,
-                10_000_000,
-            )? as usize,
-            max_per_key: range(
-                need(e.max_per_key, "sse.max_per_key")?,
-                "sse.max_per_key",
-                0,
-                10_000_000,
-            )? as usize,
-            max_per_user: range(
-                need(e.max_per_user, "sse.max_per_user")?,
-                "sse.max_per_user",
-                0,
-                10_000_000,
-            )? as usize,
+            max_connections: int(e.max_connections, "sse.max_connections")? as usize,
+            max_per_key: int(e.max_per_key, "sse.max_per_key")? as usize,
+            max_per_user: int(e.max_per_user, "sse.max_per_user")? as usize,
             heartbeat_interval: dur(e.heartbeat_interval, "sse.heartbeat_interval")?,
-            retry_ms: range(
-                need(e.retry_ms, "sse.retry_ms")?,
-                "sse.retry_ms",
-                0,
-                3_600_000,
-            )? as u64,
-            catch_up_batch_events: range(
-                need(e.catch_up_batch_events, "sse.catch_up_batch_events")?,
-                "sse.catch_up_batch_events",
-                1,
-                100_000,
-            )? as usize,
+            retry_ms: int(e.retry_ms, "sse.retry_ms")? as u64,
+            catch_up_batch_events: int(e.catch_up_batch_events, "sse.catch_up_batch_events")?
+                as usize,
         };
         if sse.client_buffer_events > sse.ring_events {
             return Err(err(
@@ -1160,14 +1055,13 @@ impl Config {
             burst: if per_second == 0.0 {
                 burst.clamp(1, 1_000_000)
             } else {
-                range(burst, "rate_limit.burst", 1, 1_000_000)?
+                {
+                    let (lo, hi) = int_range("rate_limit", "burst").unwrap_or((1, i64::MAX));
+                    range(burst, "rate_limit.burst", lo, hi)?
+                }
             } as u32,
-            max_tracked_addresses: range(
-                need(r.max_tracked_addresses, "rate_limit.max_tracked_addresses")?,
-                "rate_limit.max_tracked_addresses",
-                1,
-                100_000_000,
-            )? as usize,
+            max_tracked_addresses: int(r.max_tracked_addresses, "rate_limit.max_tracked_addresses")?
+                as usize,
         };
         if rate_limit.enabled() && rate_limit.per_second < 1e-3 {
             return Err(err(
@@ -1201,6 +1095,25 @@ pub const DEFAULT_NON_SSE_CONNECTIONS: usize = 10_000;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn integer_keys_declare_their_ranges_and_are_held_to_them() {
+        for (section, key) in KEYS {
+            if let Some((lo, hi)) = int_range(section, key) {
+                assert!(lo <= hi, "{section}.{key}");
+            }
+        }
+        assert_eq!(int_range("sse", "max_per_user"), Some((0, 10_000_000)));
+        // Negative KiB or positive pages: any integer.
+        assert_eq!(int_range("database", "cache_size"), None);
+        assert_eq!(int_range("server", "listen"), None);
+        let env: std::collections::HashMap<String, String> =
+            [("SHARDCAST_SERVER_GZIP_LEVEL".to_string(), "10".to_string())].into();
+        let e = Config::load(None, &env).unwrap_err();
+        assert_eq!(e.key, "server.gzip_level");
+        assert!(e.message.contains("1..=9"), "{e}");
+        assert!(is_secret("auth", "token_secret") && !is_secret("auth", "tenants_file"));
+    }
     use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
