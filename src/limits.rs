@@ -1,6 +1,6 @@
 //! Fixed limits that are not configuration: they follow from the formats we
 //! store into (LMDB keys are at most 511 bytes) or protect the process from a
-//! single request. Configurable limits live in `config.rs`.
+//! single request. Configurable limits live in `config/`.
 
 /// Longest event type, in bytes.
 pub const EVENT_TYPE_BYTES_MAX: usize = 256;

@@ -127,6 +127,8 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        // One permit per admitted connection: never below zero.
+        debug_assert!(self.0.open.get() > 0, "open connections went negative");
         self.0.open.set(self.0.open.get() - 1);
     }
 }

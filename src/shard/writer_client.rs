@@ -142,6 +142,11 @@ impl WriterClient {
 
     pub fn answer(&self, ticket: u64, outcome: Outcome) {
         if let Some(t) = self.tickets.borrow_mut().remove(&ticket) {
+            // Each ticket's bytes were added when it was queued, once.
+            debug_assert!(
+                self.in_flight_bytes.get() >= t.bytes,
+                "in-flight bytes would go negative"
+            );
             self.in_flight_bytes
                 .set(self.in_flight_bytes.get() - t.bytes);
             *t.outcome.borrow_mut() = Some(outcome);
