@@ -3,6 +3,7 @@
 //! only after their commit.
 
 use super::*;
+use crate::writer::PositionOutcome;
 
 pub(crate) async fn append(
     r: &Req<'_>,
@@ -58,11 +59,6 @@ pub(crate) async fn append(
             e.extra_json = Some(extra);
             Err(e)
         }
-        Outcome::PositionSaved => Err(ApiError::new(
-            500,
-            "internal",
-            "a position answer to an append",
-        )),
         Outcome::Failed { message, full } => Err(storage_failed(
             shard,
             full,
@@ -112,20 +108,15 @@ pub(crate) async fn consumer_set(r: &Req<'_>, tenant: &Tenant) -> Result<Respons
     )
     .await?
     {
-        Outcome::PositionSaved => Ok(Response::new(
+        PositionOutcome::Saved => Ok(Response::new(
             204,
             crate::http::JSON,
             crate::http::Body::Empty,
         )),
-        Outcome::Failed { message, full } => Err(storage_failed(
+        PositionOutcome::Failed { message, full } => Err(storage_failed(
             shard,
             full,
             format!("position was not stored: {message}"),
-        )),
-        other => Err(ApiError::new(
-            500,
-            "internal",
-            format!("unexpected writer answer {other:?}"),
         )),
     }
 }
@@ -142,7 +133,7 @@ pub(crate) fn storage_failed(shard: &Shard, full: bool, message: String) -> ApiE
 }
 
 /// Wait for a queued write to commit, or say why it was not queued.
-pub(crate) async fn committed(shard: &Shard, submitted: Submit) -> Result<Outcome, ApiError> {
+pub(crate) async fn committed<T>(shard: &Shard, submitted: Submit<T>) -> Result<T, ApiError> {
     match submitted {
         Submit::Queued(pending) => Ok(pending.await),
         Submit::Shed => Err(retry_later(

@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::tenant::TenantId;
-use crate::writer::{AppendKind, AppendRequest, Outcome, ToWriter};
+use crate::writer::{AppendKind, AppendRequest, Outcome, PositionOutcome, Reply, ToWriter};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
@@ -12,10 +12,28 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
-struct Ticket {
-    outcome: RefCell<Option<Outcome>>,
+/// A request waiting for its answer, of the type its kind gets.
+struct Ticket<T> {
+    outcome: RefCell<Option<T>>,
     waker: Cell<Option<Waker>>,
     bytes: usize,
+}
+
+impl<T> Ticket<T> {
+    fn new(bytes: usize) -> Rc<Ticket<T>> {
+        Rc::new(Ticket {
+            outcome: RefCell::new(None),
+            waker: Cell::new(None),
+            bytes,
+        })
+    }
+
+    fn fill(&self, outcome: T) {
+        *self.outcome.borrow_mut() = Some(outcome);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
 }
 
 pub struct WriterClient {
@@ -23,7 +41,10 @@ pub struct WriterClient {
     tx: RefCell<Option<flume::Sender<ToWriter>>>,
     queue: RefCell<Vec<AppendRequest>>,
     flusher: Cell<Option<Waker>>,
-    tickets: RefCell<HashMap<u64, Rc<Ticket>>>,
+    /// Appends and position saves waiting for the writer, apart: each is
+    /// answered with its own kind of outcome.
+    appends: RefCell<HashMap<u64, Rc<Ticket<Outcome>>>>,
+    positions: RefCell<HashMap<u64, Rc<Ticket<PositionOutcome>>>>,
     next_ticket: Cell<u64>,
     in_flight_bytes: Cell<usize>,
     requests_max: usize,
@@ -31,8 +52,8 @@ pub struct WriterClient {
     batch_events_max: usize,
 }
 
-pub enum Submit {
-    Queued(Pending),
+pub enum Submit<T> {
+    Queued(Pending<T>),
     /// The queue is full: answer 503 with Retry-After.
     Shed,
     /// The shard is shutting down and no longer talks to the writer.
@@ -40,13 +61,13 @@ pub enum Submit {
 }
 
 /// Resolves to the request's outcome once the writer has committed it.
-pub struct Pending {
-    ticket: Rc<Ticket>,
+pub struct Pending<T> {
+    ticket: Rc<Ticket<T>>,
 }
 
-impl Future for Pending {
-    type Output = Outcome;
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+impl<T> Future for Pending<T> {
+    type Output = T;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
         match self.ticket.outcome.borrow_mut().take() {
             Some(o) => Poll::Ready(o),
             None => {
@@ -64,7 +85,8 @@ impl WriterClient {
             tx: RefCell::new(Some(tx)),
             queue: RefCell::new(Vec::new()),
             flusher: Cell::new(None),
-            tickets: RefCell::new(HashMap::new()),
+            appends: RefCell::new(HashMap::new()),
+            positions: RefCell::new(HashMap::new()),
             next_ticket: Cell::new(0),
             in_flight_bytes: Cell::new(0),
             requests_max: cfg.writer.queue_requests_max,
@@ -74,85 +96,116 @@ impl WriterClient {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.tickets.borrow().len()
+        self.appends.borrow().len() + self.positions.borrow().len()
     }
 
-    /// Queue a request for the writer. `bytes` is the body size, which bounds
-    /// the memory the queue may hold.
+    /// Queue an append (one event or a batch) for the writer. `bytes` is
+    /// the body size, which bounds the memory the queue may hold.
     pub fn submit(
         &self,
         tenant: TenantId,
         kind: AppendKind,
         events: Vec<crate::event::NewEvent>,
         bytes: usize,
-    ) -> Submit {
-        self.submit_request(tenant, kind, events, None, bytes)
-    }
-
-    /// Queue a consumer position for the writer to store.
-    pub fn submit_consumer(&self, tenant: TenantId, id: String, position: u64) -> Submit {
-        let bytes = id.len() + 16;
-        self.submit_request(
-            tenant,
-            AppendKind::Consumer,
-            Vec::new(),
-            Some((id, position)),
-            bytes,
-        )
-    }
-
-    fn submit_request(
-        &self,
-        tenant: TenantId,
-        kind: AppendKind,
-        events: Vec<crate::event::NewEvent>,
-        consumer: Option<(String, u64)>,
-        bytes: usize,
-    ) -> Submit {
-        if self.tx.borrow().is_none() {
-            return Submit::Stopped;
-        }
-        let in_flight = self.tickets.borrow().len();
-        if in_flight >= self.requests_max
-            || (in_flight > 0 && self.in_flight_bytes.get() + bytes > self.bytes_max)
-        {
-            return Submit::Shed;
-        }
-        let id = self.next_ticket.get();
-        self.next_ticket.set(id + 1);
-        let ticket = Rc::new(Ticket {
-            outcome: RefCell::new(None),
-            waker: Cell::new(None),
-            bytes,
-        });
-        self.tickets.borrow_mut().insert(id, ticket.clone());
-        self.in_flight_bytes.set(self.in_flight_bytes.get() + bytes);
-        self.queue.borrow_mut().push(AppendRequest {
+    ) -> Submit<Outcome> {
+        debug_assert!(
+            kind != AppendKind::Consumer,
+            "positions go by submit_consumer"
+        );
+        let Some(id) = self.admit(bytes) else {
+            return self.refusal();
+        };
+        let ticket = Ticket::new(bytes);
+        self.appends.borrow_mut().insert(id, ticket.clone());
+        self.enqueue(AppendRequest {
             ticket: id,
             tenant,
             kind,
             events,
-            consumer,
+            consumer: None,
         });
-        if let Some(w) = self.flusher.take() {
-            w.wake();
-        }
         Submit::Queued(Pending { ticket })
     }
 
-    pub fn answer(&self, ticket: u64, outcome: Outcome) {
-        if let Some(t) = self.tickets.borrow_mut().remove(&ticket) {
+    /// Queue a consumer position for the writer to store.
+    pub fn submit_consumer(
+        &self,
+        tenant: TenantId,
+        id: String,
+        position: u64,
+    ) -> Submit<PositionOutcome> {
+        let bytes = id.len() + 16;
+        let Some(ticket_id) = self.admit(bytes) else {
+            return self.refusal();
+        };
+        let ticket = Ticket::new(bytes);
+        self.positions
+            .borrow_mut()
+            .insert(ticket_id, ticket.clone());
+        self.enqueue(AppendRequest {
+            ticket: ticket_id,
+            tenant,
+            kind: AppendKind::Consumer,
+            events: Vec::new(),
+            consumer: Some((id, position)),
+        });
+        Submit::Queued(Pending { ticket })
+    }
+
+    /// A ticket number for a request of `bytes`, when the queue has room
+    /// and the writer is there.
+    fn admit(&self, bytes: usize) -> Option<u64> {
+        if self.tx.borrow().is_none() {
+            return None;
+        }
+        let in_flight = self.in_flight();
+        if in_flight >= self.requests_max
+            || (in_flight > 0 && self.in_flight_bytes.get() + bytes > self.bytes_max)
+        {
+            return None;
+        }
+        let id = self.next_ticket.get();
+        self.next_ticket.set(id + 1);
+        self.in_flight_bytes.set(self.in_flight_bytes.get() + bytes);
+        Some(id)
+    }
+
+    /// Why `admit` said no.
+    fn refusal<T>(&self) -> Submit<T> {
+        if self.tx.borrow().is_none() {
+            Submit::Stopped
+        } else {
+            Submit::Shed
+        }
+    }
+
+    fn enqueue(&self, request: AppendRequest) {
+        self.queue.borrow_mut().push(request);
+        if let Some(w) = self.flusher.take() {
+            w.wake();
+        }
+    }
+
+    /// The writer's answer to one ticket: to the waiting append or position
+    /// save, as its kind (a ticket is only ever in one of the two tables).
+    pub fn answer(&self, ticket: u64, reply: Reply) {
+        let bytes = match reply {
+            Reply::Append(o) => self.appends.borrow_mut().remove(&ticket).map(|t| {
+                t.fill(o);
+                t.bytes
+            }),
+            Reply::Position(o) => self.positions.borrow_mut().remove(&ticket).map(|t| {
+                t.fill(o);
+                t.bytes
+            }),
+        };
+        if let Some(bytes) = bytes {
             // Each ticket's bytes were added when it was queued, once.
             debug_assert!(
-                self.in_flight_bytes.get() >= t.bytes,
+                self.in_flight_bytes.get() >= bytes,
                 "in-flight bytes would go negative"
             );
-            self.in_flight_bytes
-                .set(self.in_flight_bytes.get() - t.bytes);
-            *t.outcome.borrow_mut() = Some(outcome);
-            if let Some(w) = t.waker.take() {
-                w.wake();
-            }
+            self.in_flight_bytes.set(self.in_flight_bytes.get() - bytes);
         }
     }
 
@@ -208,10 +261,7 @@ impl WriterClient {
             for r in requests {
                 self.answer(
                     r.ticket,
-                    Outcome::Failed {
-                        message: "the writer has stopped".into(),
-                        full: false,
-                    },
+                    Reply::failed(r.kind, "the writer has stopped".into(), false),
                 );
             }
         }

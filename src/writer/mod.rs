@@ -11,7 +11,8 @@ mod protocol;
 mod store;
 
 pub use protocol::{
-    AppendKind, AppendRequest, FromWriter, Outcome, Published, ToWriter, WriterControl,
+    AppendKind, AppendRequest, FromWriter, Outcome, PositionOutcome, Published, Reply, ToWriter,
+    WriterControl,
 };
 pub use store::{OpenError, Retention, Store};
 
@@ -213,7 +214,7 @@ impl Writer {
     /// every answer and every tenant's committed events. Returns the number
     /// of events written.
     fn commit_group(&mut self, group: Vec<ToWriter>) -> usize {
-        let mut answers: Vec<Vec<(u64, Outcome)>> =
+        let mut answers: Vec<Vec<(u64, Reply)>> =
             (0..self.shards.len()).map(|_| Vec::new()).collect();
         // Tenants in the order their first request came, requests in order.
         let mut by_tenant: Vec<(TenantId, Vec<(usize, AppendRequest)>)> = Vec::new();
@@ -249,10 +250,7 @@ impl Writer {
                     for (shard, req) in requests {
                         answers[shard].push((
                             req.ticket,
-                            Outcome::Failed {
-                                message: "this tenant has been removed".into(),
-                                full: false,
-                            },
+                            Reply::failed(req.kind, "this tenant has been removed".into(), false),
                         ));
                     }
                 }

@@ -39,7 +39,7 @@ pub struct ToWriter {
     pub requests: Vec<AppendRequest>,
 }
 
-/// The answer to one request.
+/// The answer to an append (one event, or a batch).
 #[derive(Debug)]
 pub enum Outcome {
     One {
@@ -58,14 +58,42 @@ pub enum Outcome {
         expected: u64,
         current: u64,
     },
-    /// A consumer position was saved.
-    PositionSaved,
     /// Storage failed; nothing of the request was written. `full`: the
     /// disk, the database's size cap or the index map is full (507).
     Failed {
         message: String,
         full: bool,
     },
+}
+
+/// The answer to saving a consumer position.
+#[derive(Debug)]
+pub enum PositionOutcome {
+    Saved,
+    /// Storage failed; the position was not saved (`full`: 507).
+    Failed {
+        message: String,
+        full: bool,
+    },
+}
+
+/// One request's answer, shaped by what it asked: a shard's ticket for an
+/// append can only be answered with an `Outcome`, one for a position with a
+/// `PositionOutcome`.
+#[derive(Debug)]
+pub enum Reply {
+    Append(Outcome),
+    Position(PositionOutcome),
+}
+
+impl Reply {
+    /// Storage failed for a request of this kind: nothing of it was written.
+    pub fn failed(kind: AppendKind, message: String, full: bool) -> Reply {
+        match kind {
+            AppendKind::Consumer => Reply::Position(PositionOutcome::Failed { message, full }),
+            AppendKind::One | AppendKind::Batch => Reply::Append(Outcome::Failed { message, full }),
+        }
+    }
 }
 
 /// One tenant's events made durable by one commit, in position order,
@@ -81,7 +109,7 @@ pub struct Published {
 /// every shard: each encodes them once into that tenant's SSE ring).
 #[derive(Debug)]
 pub struct FromWriter {
-    pub replies: Vec<(u64, Outcome)>,
+    pub replies: Vec<(u64, Reply)>,
     pub events: Arc<Vec<Published>>,
 }
 

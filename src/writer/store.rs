@@ -5,7 +5,7 @@
 //! (`expected_version`), prunes what retention no longer keeps, commits,
 //! then updates the index; answers are given only after the commit.
 
-use super::protocol::{AppendKind, AppendRequest, Outcome};
+use super::protocol::{AppendKind, AppendRequest, Outcome, PositionOutcome, Reply};
 use crate::config::{Config, DatabaseConfig, IndexConfig};
 use crate::event::Event;
 use crate::storage;
@@ -186,14 +186,17 @@ impl Store {
     pub(super) fn commit(
         &mut self,
         requests: Vec<(usize, AppendRequest)>,
-        answers: &mut [Vec<(u64, Outcome)>],
+        answers: &mut [Vec<(u64, Reply)>],
     ) -> Vec<Event> {
         if self.index_behind {
             self.resync_index();
         }
         self.wal.between_commits();
         let before = self.head;
-        let tickets: Vec<(usize, u64)> = requests.iter().map(|(s, r)| (*s, r.ticket)).collect();
+        let tickets: Vec<(usize, u64, AppendKind)> = requests
+            .iter()
+            .map(|(s, r)| (*s, r.ticket, r.kind))
+            .collect();
         let mut replies = Vec::with_capacity(requests.len());
         let mut committed = Vec::new();
         match self.write(requests, &mut replies, &mut committed) {
@@ -233,14 +236,8 @@ impl Store {
                 } else {
                     e.message.clone()
                 });
-                for (shard, ticket) in tickets {
-                    answers[shard].push((
-                        ticket,
-                        Outcome::Failed {
-                            message: e.message.clone(),
-                            full: e.full,
-                        },
-                    ));
+                for (shard, ticket, kind) in tickets {
+                    answers[shard].push((ticket, Reply::failed(kind, e.message.clone(), e.full)));
                 }
                 Vec::new()
             }
@@ -250,7 +247,7 @@ impl Store {
     pub(super) fn write(
         &mut self,
         requests: Vec<(usize, AppendRequest)>,
-        replies: &mut Vec<(usize, u64, Outcome)>,
+        replies: &mut Vec<(usize, u64, Reply)>,
         committed: &mut Vec<Event>,
     ) -> Result<usize, StorageError> {
         let t0 = Instant::now();
@@ -271,7 +268,7 @@ impl Store {
                     storage::set_consumer(&tx, id, *position)?;
                     self.index.put_consumer(&mut w, id, *position)?;
                     consumers_saved = true;
-                    replies.push((shard, ticket, Outcome::PositionSaved));
+                    replies.push((shard, ticket, Reply::Position(PositionOutcome::Saved)));
                     continue;
                 }
                 let outcome = apply(
@@ -283,7 +280,7 @@ impl Store {
                     &mut next,
                     committed,
                 )?;
-                replies.push((shard, ticket, outcome));
+                replies.push((shard, ticket, Reply::Append(outcome)));
             }
         }
         let written = (next - 1 - self.head) as usize;
@@ -691,7 +688,14 @@ mod tests {
         let committed = store.commit(group, &mut answers);
         let mut answers = std::mem::take(&mut answers[0]);
         answers.sort_by_key(|(t, _)| *t);
-        (answers.into_iter().map(|(_, o)| o).collect(), committed)
+        let outcomes = answers
+            .into_iter()
+            .map(|(_, r)| match r {
+                Reply::Append(o) => o,
+                Reply::Position(p) => panic!("an append answered as a position: {p:?}"),
+            })
+            .collect();
+        (outcomes, committed)
     }
 
     fn position(o: &Outcome) -> (u64, bool) {
