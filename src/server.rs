@@ -182,17 +182,19 @@ pub fn run(cfg: Config, reload: LoadConfig) -> Result<(), StartError> {
             None => Placement::Unbound,
         };
         let parts = ShardParts {
-            id,
-            cfg: cfg.clone(),
+            shard: crate::shard::ShardInit {
+                id,
+                cfg: cfg.clone(),
+                to_writer: to_writer.clone(),
+                tenants: set.clone(),
+                readers: reader_pool.handle(),
+                peers: control_txs.clone(),
+                writer_control: writer_control.clone(),
+                started,
+            },
             listener_fd: fd,
-            to_writer: to_writer.clone(),
             from_writer,
             control,
-            tenants: set.clone(),
-            readers: reader_pool.handle(),
-            peers: control_txs.clone(),
-            writer_control: writer_control.clone(),
-            started,
         };
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{id}"))

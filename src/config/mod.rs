@@ -642,6 +642,26 @@ fn rate_limit_section(r: RawRateLimit) -> Result<RateLimitConfig, ConfigError> {
     Ok(rate_limit)
 }
 
+/// For in-process tests: the default configuration (with `env` on top) with
+/// its database (and so its index) in a fresh directory of this name under the system's
+/// temporary directory, which it returns; the caller removes it.
+#[cfg(test)]
+pub(crate) fn for_tests(name: &str, env: &[(&str, &str)]) -> (PathBuf, Config) {
+    let dir = std::env::temp_dir().join(format!("shardcast-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    let mut env: std::collections::HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    env.insert(
+        "SHARDCAST_DATABASE_PATH".to_string(),
+        dir.join("events.db").display().to_string(),
+    );
+    let cfg = Config::load(None, &env).expect("the default configuration loads");
+    (dir, cfg)
+}
+
 /// `server.max_connections = 0` means this many plus `sse.max_connections`.
 pub const DEFAULT_NON_SSE_CONNECTIONS: usize = 10_000;
 

@@ -2,27 +2,18 @@
 //! (accepting, the writer's answers, the flusher, the heartbeat, token
 //! expiry), obey its control channel until told to stop, then drain.
 
-use crate::config::Config;
 use crate::shard::{Control, Shard, ShardInit};
-use crate::storage::reader::ReaderHandle;
-use crate::tenant::TenantSet;
-use crate::writer::{FromWriter, ToWriter};
+use crate::writer::FromWriter;
 use std::os::fd::RawFd;
-use std::sync::Arc;
 use std::time::Instant;
 
+/// What a shard's executor starts from: the shard's own parts, its
+/// listening socket, and its two inboxes.
 pub struct ShardParts {
-    pub id: usize,
-    pub cfg: Arc<Config>,
+    pub shard: ShardInit,
     pub listener_fd: RawFd,
-    pub to_writer: flume::Sender<ToWriter>,
     pub from_writer: flume::Receiver<FromWriter>,
     pub control: flume::Receiver<Control>,
-    pub tenants: Arc<TenantSet>,
-    pub readers: ReaderHandle,
-    pub peers: Vec<flume::Sender<Control>>,
-    pub writer_control: flume::Sender<crate::writer::WriterControl>,
-    pub started: std::time::SystemTime,
 }
 
 /// The body of one shard's executor: accept and serve until told to stop,
@@ -30,30 +21,15 @@ pub struct ShardParts {
 pub async fn run(parts: ShardParts) {
     use std::os::fd::FromRawFd;
     let ShardParts {
-        id,
-        cfg,
+        shard,
         listener_fd,
-        to_writer,
         from_writer,
         control,
-        tenants,
-        readers,
-        peers,
-        writer_control,
-        started,
     } = parts;
+    let id = shard.id;
     // SAFETY: the fd is a bound, listening TCP socket made for this shard alone.
     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener_fd) };
-    let shard = Shard::new(ShardInit {
-        id,
-        cfg,
-        to_writer,
-        tenants,
-        readers,
-        peers,
-        writer_control,
-        started,
-    });
+    let shard = Shard::new(shard);
 
     let replies = {
         let shard = shard.clone();

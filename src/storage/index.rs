@@ -599,16 +599,7 @@ mod tests {
     }
 
     fn files(name: &str) -> Files {
-        let dir =
-            std::env::temp_dir().join(format!("shardcast-index-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut env = std::collections::HashMap::new();
-        env.insert(
-            "SHARDCAST_DATABASE_PATH".to_string(),
-            dir.join("events.db").display().to_string(),
-        );
-        let cfg = crate::config::Config::load(None, &env).unwrap();
+        let (dir, cfg) = crate::config::for_tests(&format!("index-{name}"), &[]);
         Files { dir, cfg }
     }
 

@@ -519,16 +519,7 @@ mod tests {
     use crate::filter::{Filter, Pattern};
 
     fn db(name: &str) -> (std::path::PathBuf, Connection) {
-        let dir =
-            std::env::temp_dir().join(format!("shardcast-storage-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut env = std::collections::HashMap::new();
-        env.insert(
-            "SHARDCAST_DATABASE_PATH".to_string(),
-            dir.join("events.db").display().to_string(),
-        );
-        let cfg = crate::config::Config::load(None, &env).unwrap();
+        let (dir, cfg) = crate::config::for_tests(&format!("storage-{name}"), &[]);
         let conn = open_writer(&cfg.database).unwrap();
         (dir, conn)
     }

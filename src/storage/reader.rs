@@ -358,15 +358,7 @@ mod tests {
 
     #[test]
     fn a_page_read_in_parts_is_the_page_read_whole_and_scopes_hold() {
-        let dir = std::env::temp_dir().join(format!("shardcast-reader-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut env = std::collections::HashMap::new();
-        env.insert(
-            "SHARDCAST_DATABASE_PATH".to_string(),
-            dir.join("events.db").display().to_string(),
-        );
-        let cfg = crate::config::Config::load(None, &env).unwrap();
+        let (dir, cfg) = crate::config::for_tests("reader", &[]);
         let conn = crate::storage::open_writer(&cfg.database).unwrap();
         let n = 5_000u64;
         {

@@ -635,24 +635,7 @@ mod tests {
     }
 
     fn open(name: &str, env: &[(&str, &str)]) -> Fixture {
-        let dir = std::env::temp_dir().join(format!(
-            "shardcast-writer-{name}-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos())
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut vars: HashMap<String, String> = HashMap::new();
-        vars.insert(
-            "SHARDCAST_DATABASE_PATH".into(),
-            dir.join("events.db").display().to_string(),
-        );
-        for (k, v) in env {
-            vars.insert(k.to_string(), v.to_string());
-        }
-        let cfg = Config::load(None, &vars).unwrap();
+        let (dir, cfg) = crate::config::for_tests(&format!("writer-{name}"), env);
         let (store, _) = Store::open("t", &cfg.database, &cfg.index, &cfg).unwrap();
         Fixture { _dir: dir, store }
     }

@@ -111,7 +111,6 @@ fn wait_for(rx: &mpsc::Receiver<String>, want: &[u64], within: Duration) -> Vec<
     ignore = "needs Chromium (apt-get install chromium)"
 )]
 fn an_eventsource_in_chromium_receives_live_events_and_resumes_after_a_restart() {
-    let chrome = chromium().expect("Chromium is not installed (apt-get install chromium)");
     let sc_port = fixed_port();
     let page = format!(
         r#"<!doctype html><meta charset="utf-8"><title>shardcast</title><script>
@@ -137,34 +136,7 @@ es.addEventListener("greeting", (m) => {{
         ("SHARDCAST_SSE_RETRY_MS", "300"),
     ];
     let mut s = Server::start(dir.path(), &env);
-    let profile = TempDir::new("chromium-profile");
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _browser = Kill(
-        Command::new(chrome)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-dev-shm-usage",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .arg(format!("http://127.0.0.1:{page_port}/"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start chromium"),
-    );
+    let _browser = browse(&format!("http://127.0.0.1:{page_port}/"));
 
     let post = |s: &Server, t: &str| {
         let r = s.conn().request(
