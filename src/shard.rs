@@ -82,6 +82,23 @@ pub enum Caller {
     Unknown,
 }
 
+/// Ask over a control channel (a shard's, the writer's) and wait at most
+/// `timeout` for the answer; None when it cannot be asked or does not answer.
+pub async fn ask<T, M>(
+    tx: &flume::Sender<M>,
+    make: impl FnOnce(flume::Sender<T>) -> M,
+    timeout: std::time::Duration,
+) -> Option<T> {
+    let (reply, answer) = flume::bounded(1);
+    tx.try_send(make(reply)).ok()?;
+    let timer = glommio::timer::Timer::new(timeout);
+    futures_lite::future::or(async { answer.recv_async().await.ok() }, async {
+        timer.await;
+        None
+    })
+    .await
+}
+
 /// What a shard is made of (the executor builds it on its own thread).
 pub struct ShardInit {
     pub id: usize,
@@ -359,9 +376,6 @@ impl Shard {
         let key = (tenant, Box::<str>::from(sub));
         let n = users.entry(key).or_insert(0);
         if max > 0 && *n >= max {
-            if *n == 0 {
-                users.remove(&(tenant, Box::<str>::from(sub)));
-            }
             return false;
         }
         *n += 1;
@@ -391,20 +405,19 @@ impl Shard {
         if owner == self.id {
             return Ok(self.count_user(tenant, sub, max));
         }
-        let (reply, answer) = flume::bounded(1);
-        let msg = Control::UserAcquire {
+        let make = |reply| Control::UserAcquire {
             tenant,
             sub: sub.into(),
             max,
             reply,
         };
-        self.peers[owner].try_send(msg).map_err(|_| ())?;
-        let timeout = glommio::timer::Timer::new(crate::limits::USER_COUNT_ASK_TIMEOUT);
-        futures_lite::future::or(async { answer.recv_async().await.map_err(|_| ()) }, async {
-            timeout.await;
-            Err(())
-        })
+        ask(
+            &self.peers[owner],
+            make,
+            crate::limits::USER_COUNT_ASK_TIMEOUT,
+        )
         .await
+        .ok_or(())
     }
 
     /// Give back a place taken by `acquire_user`. Sent before the

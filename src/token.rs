@@ -39,6 +39,33 @@ pub struct Grant {
     pub expires: u64,
 }
 
+impl Grant {
+    /// Whether a request's filter lies within the scope; else 403
+    /// `outside_token_scope` naming the request's parameter for the side
+    /// that is outside (`types_param`, `streams_param`).
+    pub fn check(
+        &self,
+        asked: &Filter,
+        types_param: &str,
+        streams_param: &str,
+    ) -> Result<(), ApiError> {
+        asked.within(&self.scope).map_err(|side| {
+            let (param, what, allowed) = match side {
+                crate::filter::Outside::Types => (types_param, "types", &self.scope.types),
+                crate::filter::Outside::Streams => (streams_param, "streams", &self.scope.streams),
+            };
+            ApiError::new(
+                403,
+                "outside_token_scope",
+                format!(
+                    "{param}: outside this token's scope ({what} {})",
+                    Filter::describe(allowed)
+                ),
+            )
+        })
+    }
+}
+
 /// Why a token was refused; each answers 401 with its own code.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenError {
@@ -336,24 +363,6 @@ fn grant(c: Claims, now: u64) -> Result<Grant, TokenError> {
         scope,
         expires: exp,
     })
-}
-
-/// 403 for a request that asks for more than its token's scope, naming the
-/// parameter and what the scope allows.
-pub fn outside_scope(side: crate::filter::Outside, scope: &Filter) -> ApiError {
-    let (param, allowed) = match side {
-        crate::filter::Outside::Types => ("types", &scope.types),
-        crate::filter::Outside::Streams => ("stream", &scope.streams),
-    };
-    ApiError::new(
-        403,
-        "outside_token_scope",
-        format!(
-            "{param}: outside this token's scope ({} {})",
-            if param == "types" { "types" } else { "streams" },
-            Filter::describe(allowed)
-        ),
-    )
 }
 
 /// The `tenant` claim, read before verification to choose the keys (a

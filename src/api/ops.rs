@@ -7,19 +7,9 @@ use super::*;
 /// How long a scrape or a readiness check waits for a shard or the writer.
 pub(crate) const ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Ask over a control channel and wait (bounded) for the answer.
-pub(crate) async fn ask<T, M>(
-    tx: &flume::Sender<M>,
-    make: impl FnOnce(flume::Sender<T>) -> M,
-) -> Option<T> {
-    let (reply, answer) = flume::bounded(1);
-    tx.try_send(make(reply)).ok()?;
-    let timeout = glommio::timer::Timer::new(ASK_TIMEOUT);
-    futures_lite::future::or(async { answer.recv_async().await.ok() }, async {
-        timeout.await;
-        None
-    })
-    .await
+/// Ask a shard or the writer, waiting at most `ASK_TIMEOUT`.
+async fn ask<T, M>(tx: &flume::Sender<M>, make: impl FnOnce(flume::Sender<T>) -> M) -> Option<T> {
+    crate::shard::ask(tx, make, ASK_TIMEOUT).await
 }
 
 /// `GET /health`: liveness (this shard answers). `?mode=readiness`: the

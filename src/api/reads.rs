@@ -123,9 +123,7 @@ pub(crate) async fn stream_read(r: &Req<'_>, tenant: &Tenant) -> Result<Response
             types: Vec::new(),
             streams: vec![crate::filter::Pattern::Exact(stream.as_str().into())],
         };
-        asked
-            .within(&g.scope)
-            .map_err(|side| crate::token::outside_scope(side, &g.scope))?;
+        g.check(&asked, "stream", "stream")?;
     }
     let q = r.query();
     let from_version = q.number("from_version", 1)?;

@@ -584,9 +584,7 @@ pub fn subscription(
         Some(g) => {
             // Within the token's scope, or refused: a page asking for more
             // than its user may see is a bug worth a clear answer.
-            if let Err(side) = filter.within(&g.scope) {
-                return Err(crate::token::outside_scope(side, &g.scope));
-            }
+            g.check(&filter, "types", "stream")?;
             (
                 filter.narrowed(&g.scope),
                 Some(Box::new(User {
