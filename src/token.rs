@@ -136,7 +136,7 @@ pub struct Claims {
     pub tenant: Option<String>,
 }
 
-/// One verifying key and where it was configured (for messages).
+/// One verifying key and the algorithms it can verify (its family).
 struct Key {
     key: DecodingKey,
     family: AlgorithmFamily,

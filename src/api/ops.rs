@@ -110,10 +110,7 @@ pub(crate) async fn metrics(r: &Req<'_>, tenant: Option<&Tenant>) -> Result<Resp
         .filter(|_| shard.tenant_names().is_some())
         .map(|t| t.id());
     if json {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = crate::token::now_secs();
         let tenants = writer
             .as_ref()
             .map(|w| w.tenants.clone())
