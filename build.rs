@@ -1,6 +1,6 @@
 //! Which external tools the tests that need them may count on, as cfgs for
 //! the test targets: `tool_wrk`, `tool_curl`, `tool_nginx`, `tool_nchan`,
-//! `tool_chromium`, `tool_openssl`. A test marked
+//! `tool_chromium`, `tool_openssl`, `tool_nats`. A test marked
 //! `#[cfg_attr(not(tool_x), ignore = "...")]` is reported as ignored, not
 //! passed, on a machine without the tool; under `CI=true` every cfg is set,
 //! so a missing tool fails its test instead (`.ci/run` installs them all).
@@ -16,6 +16,14 @@ const TOOLS: &[(&str, &[&str])] = &[
     ),
     ("nchan", &["/usr/lib/nginx/modules/ngx_nchan_module.so"]),
     ("openssl", &["/usr/bin/openssl", "/usr/local/bin/openssl"]),
+    (
+        "nats",
+        &[
+            "/usr/sbin/nats-server",
+            "/usr/bin/nats-server",
+            "/usr/local/bin/nats-server",
+        ],
+    ),
     (
         "chromium",
         &[

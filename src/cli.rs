@@ -21,6 +21,10 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     /// A database fails SQLite's integrity check, or cannot be opened.
     pub const DATABASE_DAMAGED: u8 = 3;
+    /// Cluster mode: a replica cannot follow its stream (ahead of it, or
+    /// the stream no longer holds what it needs next), or NATS cannot be
+    /// asked.
+    pub const REPLICA_CANNOT_FOLLOW: u8 = 4;
 }
 
 /// Pages copied per backup step (4 MiB at the default page size): the
@@ -121,8 +125,60 @@ pub fn check(cfg: &Config, tenant: Option<&str>, out: &mut dyn Write) -> u8 {
                 code = code.max(exit::INDEX_OUT_OF_STEP);
             }
         }
+        if let Some(cc) = &cfg.cluster {
+            code = code.max(check_replica(cc, &t.name, &conn, out));
+        }
     }
     code
+}
+
+/// Cluster mode: the replica beside its stream. Says how far it applied,
+/// what the stream holds, and whether the node can follow it.
+fn check_replica(
+    cc: &crate::config::ClusterConfig,
+    tenant: &str,
+    conn: &Connection,
+    out: &mut dyn Write,
+) -> u8 {
+    let stream = crate::cluster::stream_name(cc, tenant);
+    let applied = match crate::storage::log_applied(conn) {
+        Ok(Some((s, _))) if s != stream => {
+            let _ = writeln!(out, "  replica: of stream {s}, not {stream}: CANNOT FOLLOW");
+            return exit::REPLICA_CANNOT_FOLLOW;
+        }
+        Ok(Some((_, applied))) => applied,
+        Ok(None) => 0,
+        Err(e) => {
+            let _ = writeln!(out, "  replica: cluster_log unreadable: {e}");
+            return exit::REPLICA_CANNOT_FOLLOW;
+        }
+    };
+    match crate::cluster::stream_state(cc, tenant) {
+        Ok(st) => {
+            let verdict = st.verdict(applied);
+            let _ = writeln!(
+                out,
+                "  replica: applied {applied} of stream {stream} (holds {}..={}, {} of {} replicas current): {}",
+                st.first,
+                st.last,
+                st.current,
+                st.replicas,
+                verdict.as_ref().map_or_else(|e| e.as_str(), |ok| ok.as_str())
+            );
+            if verdict.is_ok() {
+                exit::IN_STEP
+            } else {
+                exit::REPLICA_CANNOT_FOLLOW
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(
+                out,
+                "  replica: applied {applied} of stream {stream}; the stream cannot be asked: {e}"
+            );
+            exit::REPLICA_CANNOT_FOLLOW
+        }
+    }
 }
 
 /// What a finished backup holds.
@@ -131,6 +187,9 @@ pub struct BackupReport {
     pub pages: i32,
     pub events: u64,
     pub head: u64,
+    /// Cluster mode: the stream the copy replicates and the last sequence
+    /// of it applied (a node started from the copy resumes after it).
+    pub log_applied: Option<(String, u64)>,
     pub seconds: f64,
 }
 
@@ -163,6 +222,8 @@ pub fn backup(
     let events: u64 = src
         .query_row("SELECT count(*) FROM events", [], |r| r.get::<_, i64>(0))
         .map_err(|e| e.to_string())? as u64;
+    // A database from before cluster mode has no such table: not a replica.
+    let log_applied = crate::storage::log_applied(&src).ok().flatten();
     let partial = dest.with_extension("partial");
     let _ = std::fs::remove_file(&partial);
     let mut dst = Connection::open(&partial)
@@ -206,6 +267,7 @@ pub fn backup(
         pages,
         events,
         head,
+        log_applied,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -50,6 +50,7 @@
 pub mod api;
 pub mod bench;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod event;
 pub mod filter;

@@ -100,3 +100,40 @@ const _: () =
     assert!(ACCEPT_RETRY_AFTER_ERROR.as_millis() <= ACCEPT_RETRY_AFTER_EMFILE.as_millis());
 // A sweep takes whole slices: at least one.
 const _: () = assert!(RETAIN_AGE_SWEEP_SLICES_MAX >= 1 && PRUNE_ROWS_PER_COMMIT >= 1);
+
+// Cluster mode (docs/cluster.md).
+
+/// A replica whose store failed to apply a log message tries again after
+/// this, serving scrapes and readiness meanwhile; the log waits for it.
+pub const LOG_APPLY_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// Most JetStream messages the consumer hands the writer in one message.
+pub const LOG_BATCH_MESSAGES_MAX: usize = 256;
+/// Log batches waiting for the writer; beyond, the consumer waits (and
+/// stops pulling from JetStream).
+pub const LOG_INBOX_BATCHES: usize = 64;
+/// Bytes of a JetStream message kept for its headers and framing: what the
+/// node encodes stays this far below the server's `max_payload`.
+pub const LOG_MESSAGE_OVERHEAD_BYTES: usize = 1024;
+/// Between publish attempts of one message (same `Nats-Msg-Id`, so
+/// JetStream keeps one) until `cluster.publish_timeout`.
+pub const LOG_PUBLISH_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+/// Between attempts to reach JetStream and set up a stream or consumer.
+pub const LOG_SETUP_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+const _: () = assert!(LOG_BATCH_MESSAGES_MAX >= 1 && LOG_INBOX_BATCHES >= 1);
+/// JetStream publishes awaiting their acknowledgement, per node; beyond,
+/// publishing waits (the shards' queues then fill and shed with 503).
+pub const LOG_PUBLISHES_IN_FLIGHT_MAX: usize = 4096;
+/// How often the cluster thread asks JetStream for each stream's state
+/// (readiness, lag), and whether NATS is connected.
+pub const LOG_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// JetStream's duplicate window on the streams it creates: a publish
+/// retried (same `Nats-Msg-Id`) within it is kept once. It only needs to
+/// outlast `cluster.publish_timeout`'s retries; idempotency by event id is
+/// the replica's own and permanent.
+pub const LOG_DUPLICATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(120);
+/// A JetStream pull waits at most this; its idle heartbeats come at half
+/// of it. A consumer whose server died is noticed after two missed beats.
+pub const LOG_PULL_EXPIRES: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often the cluster thread looks for acknowledged appends its replica
+/// has not applied within `cluster.publish_timeout` (answered 503).
+pub const LOG_UNAPPLIED_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);

@@ -399,6 +399,12 @@ fn main() -> ExitCode {
                         r.pages,
                         r.seconds
                     );
+                    if let Some((stream, seq)) = &r.log_applied {
+                        shardcast::say!(
+                            "the copy replicates JetStream stream {stream} up to sequence {seq}: a node started from it resumes at {}",
+                            seq + 1
+                        );
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

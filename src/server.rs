@@ -132,6 +132,20 @@ pub fn run(cfg: Config, reload: LoadConfig) -> Result<(), StartError> {
             Err(e) => return Err(StartError(e.to_string())),
         }
     }
+    // Cluster mode: every tenant's store is a replica of its stream.
+    let mut replicas = Vec::new();
+    if let Some(cc) = &cfg.cluster {
+        for (id, store) in stores.iter_mut() {
+            let stream = crate::cluster::stream_name(cc, &store.name);
+            let applied = store.replicate(&stream).map_err(StartError)?;
+            replicas.push(crate::cluster::Replica {
+                tenant: *id,
+                name: store.name.clone(),
+                applied,
+            });
+        }
+        replicas.sort_by_key(|r| r.tenant);
+    }
     let set = registry.set(&tenancy);
 
     let shards = cfg.server.shards;
@@ -161,7 +175,30 @@ pub fn run(cfg: Config, reload: LoadConfig) -> Result<(), StartError> {
     let started = std::time::SystemTime::now();
     let reader_pool = crate::storage::reader::ReaderPool::start(cfg.database.read_connections)
         .map_err(|e| start_err("cannot start the reader threads", e))?;
-    let writer = Writer::new(stores, writer_rx, writer_control_rx, reply_txs, &cfg);
+    // Single node: the shards' requests go to the writer. Cluster mode: to
+    // the cluster thread, which publishes them; the writer applies the log.
+    let (input, cluster) = match &cfg.cluster {
+        None => (crate::writer::Input::Shards(writer_rx), None),
+        Some(cc) => {
+            let (log_tx, log_rx) = flume::bounded(crate::limits::LOG_INBOX_BATCHES);
+            let cluster = crate::cluster::start(
+                cc.clone(),
+                replicas,
+                crate::cluster::Channels {
+                    from_shards: writer_rx,
+                    to_writer: log_tx,
+                    shards: reply_txs.clone(),
+                },
+            )
+            .map_err(|e| start_err("cannot start the cluster thread", e))?;
+            (crate::writer::Input::Log(log_rx), Some(cluster))
+        }
+    };
+    let mut writer = Writer::new(stores, input, writer_control_rx, reply_txs, &cfg);
+    if let Some(c) = &cluster {
+        let health = c.health.clone();
+        writer.log_health(Arc::new(move |tenant: &str| health.ready(tenant)));
+    }
     let writer_cpu = cfg.writer.cpu;
     let writer_thread = std::thread::Builder::new()
         .name("shardcast-writer".into())
@@ -214,6 +251,7 @@ pub fn run(cfg: Config, reload: LoadConfig) -> Result<(), StartError> {
         tenancy,
         writer: writer_control,
         shards: control_txs.clone(),
+        cluster: cfg.cluster.is_some(),
     };
     spawn_signal_thread(control_txs, cfg.server.shutdown_timeout, reloader)?;
     announce(addr, &cfg, &set);
@@ -225,6 +263,10 @@ pub fn run(cfg: Config, reload: LoadConfig) -> Result<(), StartError> {
         if let Err(e) = h.join() {
             tracing::error!(shard = id, error = %e, "shard ended with an error");
         }
+    }
+    // The cluster thread ends once the shards are gone, closing the writer's input.
+    if let Some(c) = cluster {
+        c.join();
     }
     match writer_thread.join() {
         Ok(stats) => tracing::info!(
@@ -396,6 +438,9 @@ struct Reloader {
     tenancy: Tenancy,
     writer: flume::Sender<WriterControl>,
     shards: Vec<flume::Sender<Control>>,
+    /// Cluster mode: each tenant's stream is followed from the start, so
+    /// tenants come and go with a restart; keys still reload.
+    cluster: bool,
 }
 
 impl Reloader {
@@ -418,6 +463,17 @@ impl Reloader {
         let same = |a: &TenantInfo, b: &TenantSpec| {
             a.name == b.name && *a.database.path == b.database.path
         };
+        if self.cluster
+            && (tenancy.tenants.len() != self.registry.infos.len()
+                || !self
+                    .registry
+                    .infos
+                    .iter()
+                    .all(|i| tenancy.tenants.iter().any(|s| same(i, s))))
+        {
+            tracing::error!("reload refused: in cluster mode tenants are added and removed by a restart (keys reload as ever when the tenants stay)");
+            return;
+        }
         // New, and previously unavailable ones (their storage may be fixed now).
         let mut removed: Vec<Arc<TenantInfo>> = Vec::new();
         let mut kept = Vec::new();

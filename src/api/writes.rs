@@ -3,7 +3,7 @@
 //! only after their commit.
 
 use super::*;
-use crate::writer::PositionOutcome;
+use crate::writer::{Failure, PositionOutcome};
 
 pub(crate) async fn append(
     r: &Req<'_>,
@@ -59,9 +59,9 @@ pub(crate) async fn append(
             e.extra_json = Some(extra);
             Err(e)
         }
-        Outcome::Failed { message, full } => Err(storage_failed(
+        Outcome::Failed { message, cause } => Err(write_failed(
             shard,
-            full,
+            cause,
             format!("events were not stored: {message}"),
         )),
     }
@@ -113,22 +113,28 @@ pub(crate) async fn consumer_set(r: &Req<'_>, tenant: &Tenant) -> Result<Respons
             crate::http::JSON,
             crate::http::Body::Empty,
         )),
-        PositionOutcome::Failed { message, full } => Err(storage_failed(
+        PositionOutcome::Failed { message, cause } => Err(write_failed(
             shard,
-            full,
+            cause,
             format!("position was not stored: {message}"),
         )),
     }
 }
 
 /// A 503 the client should retry after `writer.retry_after_secs`.
-/// Storage refused a write: 507 when it is full (nothing to retry until an
-/// operator makes room), else 503 with a delay.
-pub(crate) fn storage_failed(shard: &Shard, full: bool, message: String) -> ApiError {
-    if full {
-        ApiError::new(507, "insufficient_storage", message)
-    } else {
-        retry_later(shard, "storage_unavailable", message)
+/// A write was not made: 507 when storage is full (nothing to retry until
+/// an operator makes room), 413 when it can never fit in one log message,
+/// else 503 with a delay.
+pub(crate) fn write_failed(shard: &Shard, cause: Failure, message: String) -> ApiError {
+    match cause {
+        Failure::Full => ApiError::new(507, "insufficient_storage", message),
+        Failure::Storage => retry_later(shard, "storage_unavailable", message),
+        Failure::LogUnavailable => retry_later(shard, "log_unavailable", message),
+        Failure::TooLarge { limit_bytes } => ApiError::new(
+            413,
+            "payload_too_large",
+            format!("{message} (one append may take at most {limit_bytes} bytes in cluster mode)"),
+        ),
     }
 }
 

@@ -19,8 +19,8 @@ mod raw;
 pub use explain::{explain, Explained};
 pub use raw::{
     apply_env, parse_duration, Dur, Env, Flag, Float, Int, Kind, List, ProcessEnv, RawApi, RawAuth,
-    RawConfig, RawDatabase, RawIndex, RawKey, RawLog, RawRateLimit, RawServer, RawSse, RawStorage,
-    RawTenant, RawWriter, Secret, SecretList, Text, EBUSE_ENV, KEYS,
+    RawCluster, RawConfig, RawDatabase, RawIndex, RawKey, RawLog, RawRateLimit, RawServer, RawSse,
+    RawStorage, RawTenant, RawWriter, Secret, SecretList, Text, EBUSE_ENV, KEYS,
 };
 use raw::{int_range, raw_from_toml};
 
@@ -93,6 +93,29 @@ pub struct Config {
     /// `[[tenants]]` from the config file (a tenants file, if named, wins).
     pub tenants: Vec<RawTenant>,
     pub rate_limit: RateLimitConfig,
+    /// Cluster mode on NATS JetStream (None: a single node).
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: NATS JetStream is the log, this process one replica of it
+/// (docs/cluster.md). Present only when `cluster.nats_urls` names a server.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub nats_urls: Vec<String>,
+    /// Streams are `<prefix>_<tenant>`, subjects `<prefix>.<tenant>`.
+    pub stream_prefix: String,
+    /// JetStream replicas of each stream (created so; checked when present).
+    pub replicas: usize,
+    /// An append not acknowledged by JetStream within this gets 503.
+    pub publish_timeout: Duration,
+    /// This node's name in logs, message ids and `/health/ready`.
+    pub node_name: String,
+    pub nats_creds: Option<PathBuf>,
+    pub nats_token: Option<String>,
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Client certificate and key for mutual TLS (both or neither).
+    pub nats_tls_client: Option<(PathBuf, PathBuf)>,
+    pub nats_tls_required: bool,
 }
 
 /// Per-client request rate limit, declared by the limiter it configures.
@@ -288,6 +311,7 @@ impl Config {
             server.max_connections = DEFAULT_NON_SSE_CONNECTIONS + sse.max_connections;
         }
         let rate_limit = rate_limit_section(raw.rate_limit)?;
+        let cluster = cluster_section(raw.cluster, &storage)?;
         Ok(Config {
             server,
             writer,
@@ -300,6 +324,7 @@ impl Config {
             storage,
             tenants: raw.tenants,
             rate_limit,
+            cluster,
         })
     }
 }
@@ -569,6 +594,101 @@ fn storage_section(st: RawStorage) -> Result<StorageConfig, ConfigError> {
         retain_age: Some(dur(st.retain_age, "storage.retain_age")?).filter(|d| !d.is_zero()),
     };
     Ok(storage)
+}
+
+/// `[cluster]`: off unless `nats_urls` names a server. Every node must
+/// apply the log to the same result, so retention (which depends on when
+/// each node commits, and on its clock) is refused in cluster mode.
+fn cluster_section(
+    c: RawCluster,
+    storage: &StorageConfig,
+) -> Result<Option<ClusterConfig>, ConfigError> {
+    let nonempty = |v: Option<String>| v.filter(|k| !k.trim().is_empty());
+    let urls: Vec<String> = c.nats_urls.unwrap_or_default();
+    let replicas = int(c.replicas, "cluster.replicas")? as usize;
+    let publish_timeout = dur(c.publish_timeout, "cluster.publish_timeout")?;
+    let prefix = need(c.stream_prefix, "cluster.stream_prefix")?;
+    if urls.is_empty() {
+        return Ok(None);
+    }
+    for u in &urls {
+        if let Err(e) = u.parse::<async_nats::ServerAddr>() {
+            return Err(err(
+                "cluster.nats_urls",
+                format!("'{u}' is not a NATS server address such as nats://10.0.0.1:4222 ({e})"),
+            ));
+        }
+    }
+    if prefix.is_empty()
+        || !prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(err(
+            "cluster.stream_prefix",
+            format!("'{prefix}' must be letters, digits, '-' or '_' (it names JetStream streams and subjects)"),
+        ));
+    }
+    if publish_timeout < Duration::from_millis(100) {
+        return Err(err("cluster.publish_timeout", "must be at least 100ms"));
+    }
+    if storage.retain_events > 0 || storage.retain_age.is_some() {
+        return Err(err(
+            "storage.retain_events",
+            "retention is not available in cluster mode: every node must apply the log to the same \
+             result, and pruning depends on each node's commits and clock; set storage.retain_events = 0 \
+             and storage.retain_age = \"0s\" (bound the JetStream stream instead, docs/cluster.md)",
+        ));
+    }
+    let node_name = match nonempty(c.node_name) {
+        Some(n) => n,
+        None => host_name(),
+    };
+    if !node_name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        return Err(err(
+            "cluster.node_name",
+            format!("'{node_name}' must be letters, digits, '-', '_' or '.'"),
+        ));
+    }
+    let cert = nonempty(c.nats_tls_cert).map(PathBuf::from);
+    let key = nonempty(c.nats_tls_key).map(PathBuf::from);
+    let nats_tls_client = match (cert, key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => {
+            return Err(err(
+                "cluster.nats_tls_cert",
+                "a client certificate needs its key (cluster.nats_tls_key), and the key its certificate",
+            ))
+        }
+    };
+    Ok(Some(ClusterConfig {
+        nats_urls: urls,
+        stream_prefix: prefix,
+        replicas,
+        publish_timeout,
+        node_name,
+        nats_creds: nonempty(c.nats_creds).map(PathBuf::from),
+        nats_token: nonempty(c.nats_token),
+        nats_tls_ca: nonempty(c.nats_tls_ca).map(PathBuf::from),
+        nats_tls_client,
+        nats_tls_required: c.nats_tls_required.unwrap_or(false),
+    }))
+}
+
+/// The machine's host name (`cluster.node_name`'s default).
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(name) if ok && !name.is_empty() => name.to_string(),
+        _ => "node".to_string(),
+    }
 }
 
 /// `[sse]`: a client may not lag further than the ring reaches.

@@ -64,6 +64,8 @@ pub struct RawConfig {
     pub tenants: Vec<RawTenant>,
     #[serde(default)]
     pub rate_limit: RawRateLimit,
+    #[serde(default)]
+    pub cluster: RawCluster,
 }
 
 /// How a key's value is read from the environment (its TOML type follows
@@ -300,6 +302,19 @@ config_keys! {
         per_second: Float,
         burst: Int(1, 1_000_000),
         max_tracked_addresses: Int(1, 100_000_000),
+    }
+    cluster: RawCluster {
+        nats_urls: List,
+        stream_prefix: Text,
+        replicas: Int(1, 5),
+        publish_timeout: Dur,
+        node_name: Text,
+        nats_creds: Text,
+        nats_token: Secret,
+        nats_tls_ca: Text,
+        nats_tls_cert: Text,
+        nats_tls_key: Text,
+        nats_tls_required: Flag,
     }
 }
 

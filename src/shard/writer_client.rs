@@ -261,7 +261,11 @@ impl WriterClient {
             for r in requests {
                 self.answer(
                     r.ticket,
-                    Reply::failed(r.kind, "the writer has stopped".into(), false),
+                    Reply::failed(
+                        r.kind,
+                        "the writer has stopped".into(),
+                        crate::writer::Failure::Storage,
+                    ),
                 );
             }
         }

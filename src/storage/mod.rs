@@ -41,6 +41,13 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     id       TEXT PRIMARY KEY,
     position INTEGER NOT NULL
 );
+-- Cluster mode: the JetStream stream this database replicates and the last
+-- sequence of it applied, written in the same transaction as the events
+-- that sequence produced (so a restart applies each message exactly once).
+CREATE TABLE IF NOT EXISTS cluster_log (
+    stream  TEXT PRIMARY KEY,
+    applied INTEGER NOT NULL
+);
 ";
 
 pub const INSERT_EVENT: &str = "INSERT INTO events (position, id, type, data, timestamp, stream, stream_version, metadata) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
@@ -487,6 +494,27 @@ pub fn set_consumer(conn: &Connection, id: &str, position: u64) -> rusqlite::Res
          ON CONFLICT(id) DO UPDATE SET position = excluded.position",
     )?
     .execute(params![id, position as i64])?;
+    Ok(())
+}
+
+/// Cluster mode: the stream this database replicates and the last sequence
+/// of it applied (None: never a replica).
+pub fn log_applied(conn: &Connection) -> rusqlite::Result<Option<(String, u64)>> {
+    conn.query_row(
+        "SELECT stream, applied FROM cluster_log ORDER BY applied DESC LIMIT 1",
+        [],
+        |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)),
+    )
+    .optional()
+}
+
+/// Inside a commit: this replica has applied `stream` up to `seq`.
+pub fn set_log_applied(conn: &Connection, stream: &str, seq: u64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO cluster_log (stream, applied) VALUES (?1, ?2) \
+         ON CONFLICT(stream) DO UPDATE SET applied = excluded.applied",
+    )?
+    .execute(params![stream, seq as i64])?;
     Ok(())
 }
 

@@ -11,10 +11,10 @@ mod protocol;
 mod store;
 
 pub use protocol::{
-    AppendKind, AppendRequest, FromWriter, Outcome, PositionOutcome, Published, Reply, ToWriter,
-    WriterControl,
+    AppendKind, AppendRequest, Failure, FromLog, FromWriter, LogEntry, Outcome, PositionOutcome,
+    Published, Reply, ToWriter, WriterControl, FOREIGN,
 };
-pub use store::{OpenError, Retention, Store};
+pub use store::{LogState, OpenError, Retention, Store};
 
 use crate::tenant::TenantId;
 use std::collections::HashMap;
@@ -26,12 +26,52 @@ pub struct Writer {
     wakeups: u64,
     batch_events: crate::metrics::Histogram,
     commit_micros: crate::metrics::Histogram,
-    rx: flume::Receiver<ToWriter>,
+    /// Where the requests come from: the shards (single node), or the
+    /// cluster's log (cluster mode; the shards then publish to it instead).
+    input: Input,
     control: Option<flume::Receiver<WriterControl>>,
     shards: Vec<flume::Sender<FromWriter>>,
     batch_events_max: usize,
-    carry: Option<ToWriter>,
+    carry: Option<Group>,
+    /// Cluster mode: a group a tenant's store failed to apply, retried
+    /// every `LOG_APPLY_RETRY_INTERVAL` before anything else of the log
+    /// (a replica may not skip a message; meanwhile the log waits).
+    stalled: Option<Vec<FromLog>>,
+    /// Cluster mode: whether a tenant's log takes appends now (readiness).
+    log_health: Option<LogHealth>,
 }
+
+/// Cluster mode: whether `tenant`'s log can take appends now, or why not.
+pub type LogHealth = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// The writer's source of requests.
+pub enum Input {
+    Shards(flume::Receiver<ToWriter>),
+    Log(flume::Receiver<FromLog>),
+}
+
+/// What one wakeup commits.
+enum Group {
+    Shards(Vec<ToWriter>),
+    Log(Vec<FromLog>),
+}
+
+impl Group {
+    fn events(&self) -> usize {
+        match self {
+            Group::Shards(m) => m.iter().map(count_events).sum(),
+            Group::Log(m) => m
+                .iter()
+                .flat_map(|l| &l.entries)
+                .flat_map(|e| &e.requests)
+                .map(|(_, r)| r.events.len())
+                .sum(),
+        }
+    }
+}
+
+/// One tenant's requests of a group, and the stream sequence they end at.
+type TenantShare = (TenantId, Option<u64>, Vec<(usize, AppendRequest)>);
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct WriterStats {
@@ -42,7 +82,7 @@ pub struct WriterStats {
 impl Writer {
     pub fn new(
         stores: HashMap<TenantId, Store>,
-        rx: flume::Receiver<ToWriter>,
+        input: Input,
         control: flume::Receiver<WriterControl>,
         shards: Vec<flume::Sender<FromWriter>>,
         cfg: &crate::config::Config,
@@ -52,12 +92,19 @@ impl Writer {
             wakeups: 0,
             batch_events: Default::default(),
             commit_micros: Default::default(),
-            rx,
+            input,
             control: Some(control),
             shards,
             batch_events_max: cfg.writer.batch_events_max,
             carry: None,
+            stalled: None,
+            log_health: None,
         }
+    }
+
+    /// Cluster mode: readiness also asks the log.
+    pub fn log_health(&mut self, health: LogHealth) {
+        self.log_health = Some(health);
     }
 
     /// Run until every shard has hung up, committing everything they sent.
@@ -107,7 +154,10 @@ impl Writer {
                     batch_events: self.batch_events.clone(),
                     commit_micros: self.commit_micros.clone(),
                     busy_retries: crate::storage::checkpoint::busy_retries(),
-                    queued_messages: self.rx.len() as u64,
+                    queued_messages: match &self.input {
+                        Input::Shards(rx) => rx.len() as u64,
+                        Input::Log(rx) => rx.len() as u64,
+                    },
                     tenants,
                 });
             }
@@ -115,7 +165,13 @@ impl Writer {
                 let mut out: Vec<_> = self
                     .stores
                     .values()
-                    .map(|s| (s.name.clone(), s.ready()))
+                    .map(|s| {
+                        let log = |_| match &self.log_health {
+                            Some(h) => h(&s.name),
+                            None => Ok(()),
+                        };
+                        (s.name.clone(), s.ready().and_then(log))
+                    })
                     .collect();
                 out.sort_by(|a, b| a.0.cmp(&b.0));
                 let _ = reply.send(out);
@@ -159,8 +215,13 @@ impl Writer {
 
     /// Block for the first message (serving tenant changes meanwhile), then
     /// take whatever else is queued without waiting, up to
-    /// `batch_events_max` events. None when all shards are gone.
-    fn next_group(&mut self) -> Option<Vec<ToWriter>> {
+    /// `batch_events_max` events. None when its input is gone.
+    fn next_group(&mut self) -> Option<Group> {
+        if let Some(stalled) = self.stalled.take() {
+            // Serve control messages while the store recovers, then try again.
+            self.wait_control(crate::limits::LOG_APPLY_RETRY_INTERVAL);
+            return Some(Group::Log(stalled));
+        }
         let first = match self.carry.take() {
             Some(m) => m,
             None => loop {
@@ -170,8 +231,16 @@ impl Writer {
                     .values()
                     .any(|s| s.retention.age.is_some())
                     .then_some(crate::limits::RETAIN_AGE_SWEEP_INTERVAL);
-                let mut select = flume::Selector::new()
-                    .recv(&self.rx, |m| m.map(Next::Requests).unwrap_or(Next::Stopped));
+                let mut select = match &self.input {
+                    Input::Shards(rx) => flume::Selector::new().recv(rx, |m| {
+                        m.map(|m| Next::Requests(Group::Shards(vec![m])))
+                            .unwrap_or(Next::Stopped)
+                    }),
+                    Input::Log(rx) => flume::Selector::new().recv(rx, |m| {
+                        m.map(|m| Next::Requests(Group::Log(vec![m])))
+                            .unwrap_or(Next::Stopped)
+                    }),
+                };
                 if let Some(control) = &self.control {
                     select = select.recv(control, |c| {
                         c.map(Next::Control).unwrap_or(Next::ControlGone)
@@ -191,68 +260,103 @@ impl Writer {
                 }
             },
         };
-        let mut events = count_events(&first);
-        let mut group = vec![first];
+        let mut events = first.events();
+        let mut group = first;
         while events < self.batch_events_max {
-            match self.rx.try_recv() {
-                Ok(m) => {
-                    let n = count_events(&m);
-                    if events + n > self.batch_events_max {
-                        self.carry = Some(m);
-                        break;
-                    }
-                    events += n;
-                    group.push(m);
-                }
-                Err(_) => break,
+            let more = match &self.input {
+                Input::Shards(rx) => rx.try_recv().ok().map(|m| Group::Shards(vec![m])),
+                Input::Log(rx) => rx.try_recv().ok().map(|m| Group::Log(vec![m])),
+            };
+            let Some(more) = more else { break };
+            let n = more.events();
+            if events + n > self.batch_events_max {
+                self.carry = Some(more);
+                break;
+            }
+            events += n;
+            match (&mut group, more) {
+                (Group::Shards(g), Group::Shards(m)) => g.extend(m),
+                (Group::Log(g), Group::Log(m)) => g.extend(m),
+                _ => unreachable!("a writer has one input"),
             }
         }
         Some(group)
     }
 
+    /// Serve control messages for up to `wait`.
+    fn wait_control(&mut self, wait: std::time::Duration) {
+        let until = Instant::now() + wait;
+        while let Some(control) = &self.control {
+            match control.recv_deadline(until) {
+                Ok(c) => self.on_control(c),
+                Err(flume::RecvTimeoutError::Timeout) => return,
+                Err(flume::RecvTimeoutError::Disconnected) => self.control = None,
+            }
+        }
+        if self.control.is_none() {
+            std::thread::sleep(until.saturating_duration_since(Instant::now()));
+        }
+    }
+
     /// One transaction per tenant touched, then one message per shard with
     /// every answer and every tenant's committed events. Returns the number
     /// of events written.
-    fn commit_group(&mut self, group: Vec<ToWriter>) -> usize {
+    fn commit_group(&mut self, group: Group) -> usize {
         let mut answers: Vec<Vec<(u64, Reply)>> =
             (0..self.shards.len()).map(|_| Vec::new()).collect();
-        // Tenants in the order their first request came, requests in order.
-        let mut by_tenant: Vec<(TenantId, Vec<(usize, AppendRequest)>)> = Vec::new();
-        for msg in group {
-            for req in msg.requests {
-                match by_tenant.iter_mut().find(|(t, _)| *t == req.tenant) {
-                    Some((_, reqs)) => reqs.push((msg.shard, req)),
-                    None => by_tenant.push((req.tenant, vec![(msg.shard, req)])),
-                }
-            }
-        }
+        let (shares, log) = match group {
+            Group::Shards(msgs) => (by_tenant(msgs), None),
+            Group::Log(msgs) => (self.log_by_tenant(msgs.clone()), Some(msgs)),
+        };
         self.wakeups += 1;
         let mut published = Vec::new();
         let mut written = 0;
-        for (tenant, requests) in by_tenant {
-            match self.stores.get_mut(&tenant) {
-                Some(store) => {
-                    // One tenant's failure answers only its own requests.
-                    let t0 = Instant::now();
-                    let events = store.commit(requests, &mut answers);
-                    self.commit_micros.observe(
-                        crate::metrics::LATENCY_BUCKETS_US,
-                        t0.elapsed().as_micros() as u64,
-                    );
-                    self.batch_events
-                        .observe(crate::metrics::BATCH_BUCKETS, events.len() as u64);
-                    if !events.is_empty() {
-                        written += events.len();
-                        published.push(Published { tenant, events });
-                    }
-                }
-                None => {
-                    for (shard, req) in requests {
-                        answers[shard].push((
+        for (tenant, log_seq, requests) in shares {
+            let Some(store) = self.stores.get_mut(&tenant) else {
+                for (shard, req) in requests {
+                    if let Some(a) = answers.get_mut(shard) {
+                        a.push((
                             req.ticket,
-                            Reply::failed(req.kind, "this tenant has been removed".into(), false),
+                            Reply::failed(
+                                req.kind,
+                                "this tenant has been removed".into(),
+                                Failure::Storage,
+                            ),
                         ));
                     }
+                }
+                continue;
+            };
+            // One tenant's failure answers only its own requests.
+            let t0 = Instant::now();
+            let mut own: Vec<Vec<(u64, Reply)>> =
+                (0..self.shards.len()).map(|_| Vec::new()).collect();
+            let result = store.commit(requests, &mut own, log_seq);
+            self.commit_micros.observe(
+                crate::metrics::LATENCY_BUCKETS_US,
+                t0.elapsed().as_micros() as u64,
+            );
+            match result {
+                Err(_) if log.is_some() => {
+                    // A replica may not skip a message of the log: its waiting
+                    // requests stay unanswered until it applies (tenants that
+                    // succeeded skip what they applied when this is retried).
+                    self.stalled = log.clone();
+                    continue;
+                }
+                Err(_) => {}
+                Ok(ref events) => {
+                    self.batch_events
+                        .observe(crate::metrics::BATCH_BUCKETS, events.len() as u64);
+                }
+            }
+            for (shard, a) in own.into_iter().enumerate() {
+                answers[shard].extend(a);
+            }
+            if let Ok(events) = result {
+                if !events.is_empty() {
+                    written += events.len();
+                    published.push(Published { tenant, events });
                 }
             }
         }
@@ -268,11 +372,54 @@ impl Writer {
         }
         written
     }
+
+    /// The log's messages by tenant, leaving out those a store already
+    /// applied (redelivered after a reconnect, or retried after a stall).
+    fn log_by_tenant(&self, msgs: Vec<FromLog>) -> Vec<TenantShare> {
+        let mut out: Vec<TenantShare> = Vec::new();
+        for m in msgs {
+            let applied = self
+                .stores
+                .get(&m.tenant)
+                .and_then(|s| s.log_applied())
+                .unwrap_or(0);
+            for entry in m.entries {
+                if entry.seq <= applied {
+                    continue;
+                }
+                match out.iter_mut().find(|(t, _, _)| *t == m.tenant) {
+                    Some((_, seq, reqs)) => {
+                        // Stream order within a tenant, as the log delivered it.
+                        assert!(Some(entry.seq) > *seq, "log entries out of order");
+                        *seq = Some(entry.seq);
+                        reqs.extend(entry.requests);
+                    }
+                    None => out.push((m.tenant, Some(entry.seq), entry.requests)),
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Requests by tenant, tenants in the order their first request came,
+/// requests in order.
+fn by_tenant(group: Vec<ToWriter>) -> Vec<TenantShare> {
+    let mut out: Vec<TenantShare> = Vec::new();
+    for msg in group {
+        for req in msg.requests {
+            match out.iter_mut().find(|(t, _, _)| *t == req.tenant) {
+                Some((_, _, reqs)) => reqs.push((msg.shard, req)),
+                None => out.push((req.tenant, None, vec![(msg.shard, req)])),
+            }
+        }
+    }
+    out
 }
 
 /// What woke the idle writer.
 enum Next {
-    Requests(ToWriter),
+    Requests(Group),
     Control(WriterControl),
     /// Nothing came within the retention sweep interval.
     Idle,

@@ -20,7 +20,7 @@ pub enum AppendKind {
 }
 
 /// One HTTP request's events, on their way to the writer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct AppendRequest {
     /// Shard-local number the answer is matched back by.
     pub ticket: u64,
@@ -30,6 +30,27 @@ pub struct AppendRequest {
     pub events: Vec<NewEvent>,
     /// For `AppendKind::Consumer`: the consumer id and the position to save.
     pub consumer: Option<(String, u64)>,
+}
+
+/// Cluster mode: the shard of a request another node published. Nobody here
+/// waits for its answer.
+pub const FOREIGN: usize = usize::MAX;
+
+/// Cluster mode, log → writer: messages of one tenant's JetStream stream,
+/// in stream order, each applied once with the single-node rules.
+#[derive(Debug, Clone)]
+pub struct FromLog {
+    pub tenant: TenantId,
+    pub entries: Vec<LogEntry>,
+}
+
+/// One JetStream message: one node's requests of one wakeup. A request
+/// this node published carries its shard (and ticket), so its answer goes
+/// back once applied; another node's carries `FOREIGN`.
+#[derive(Debug, Clone)]
+pub struct LogEntry {
+    pub seq: u64,
+    pub requests: Vec<(usize, AppendRequest)>,
 }
 
 /// Shard → writer: every request a shard queued since its last message.
@@ -58,22 +79,36 @@ pub enum Outcome {
         expected: u64,
         current: u64,
     },
-    /// Storage failed; nothing of the request was written. `full`: the
-    /// disk, the database's size cap or the index map is full (507).
+    /// Nothing of the request was written, for `cause`.
     Failed {
         message: String,
-        full: bool,
+        cause: Failure,
     },
+}
+
+/// Why a write was not made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Storage refused it: 503, to retry after a delay.
+    Storage,
+    /// The disk, the database's size cap or the index map is full: 507.
+    Full,
+    /// Cluster mode: JetStream did not take it within
+    /// `cluster.publish_timeout` (no quorum, NATS unreachable): 503.
+    LogUnavailable,
+    /// Cluster mode: the request alone is larger than one JetStream
+    /// message may be (the server's `max_payload`): 413.
+    TooLarge { limit_bytes: usize },
 }
 
 /// The answer to saving a consumer position.
 #[derive(Debug)]
 pub enum PositionOutcome {
     Saved,
-    /// Storage failed; the position was not saved (`full`: 507).
+    /// The position was not saved, for `cause`.
     Failed {
         message: String,
-        full: bool,
+        cause: Failure,
     },
 }
 
@@ -87,11 +122,13 @@ pub enum Reply {
 }
 
 impl Reply {
-    /// Storage failed for a request of this kind: nothing of it was written.
-    pub fn failed(kind: AppendKind, message: String, full: bool) -> Reply {
+    /// A request of this kind failed: nothing of it was written.
+    pub fn failed(kind: AppendKind, message: String, cause: Failure) -> Reply {
         match kind {
-            AppendKind::Consumer => Reply::Position(PositionOutcome::Failed { message, full }),
-            AppendKind::One | AppendKind::Batch => Reply::Append(Outcome::Failed { message, full }),
+            AppendKind::Consumer => Reply::Position(PositionOutcome::Failed { message, cause }),
+            AppendKind::One | AppendKind::Batch => {
+                Reply::Append(Outcome::Failed { message, cause })
+            }
         }
     }
 }

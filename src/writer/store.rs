@@ -5,7 +5,7 @@
 //! (`expected_version`), prunes what retention no longer keeps, commits,
 //! then updates the index; answers are given only after the commit.
 
-use super::protocol::{AppendKind, AppendRequest, Outcome, PositionOutcome, Reply};
+use super::protocol::{AppendKind, AppendRequest, Failure, Outcome, PositionOutcome, Reply};
 use crate::config::{Config, DatabaseConfig, IndexConfig};
 use crate::event::Event;
 use crate::storage;
@@ -47,6 +47,19 @@ pub struct Store {
     pub(super) failure_log: crate::log::Repeated,
     /// Likewise for an index that stays behind SQLite.
     pub(super) index_log: crate::log::Repeated,
+    /// Cluster mode: the stream this store replicates and how far it applied it.
+    pub(super) log: Option<LogState>,
+}
+
+/// Cluster mode: where this replica stands in its JetStream stream.
+#[derive(Debug, Clone)]
+pub struct LogState {
+    pub stream: String,
+    /// The last stream sequence applied. Only commits that write persist it
+    /// (with their events); a message that wrote nothing (only duplicates or
+    /// conflicts) moves it in memory alone, as applying it again after a
+    /// restart writes nothing again.
+    pub applied: u64,
 }
 
 /// Why a store did not open.
@@ -131,6 +144,7 @@ impl Store {
                 last_failure: None,
                 failure_log: Default::default(),
                 index_log: Default::default(),
+                log: None,
             },
             index,
         ))
@@ -173,6 +187,43 @@ impl Store {
         Ok(pruned)
     }
 
+    /// Cluster mode: make this store a replica of `stream`; returns the last
+    /// sequence of it already applied. A database that replicates another
+    /// stream, or holds events it did not get from a stream (a single-node
+    /// database), is refused: its positions would not be the cluster's.
+    pub fn replicate(&mut self, stream: &str) -> Result<u64, String> {
+        let stored = storage::log_applied(&self.conn)
+            .map_err(|e| format!("cannot read cluster_log: {e}"))?;
+        let applied = match stored {
+            Some((s, applied)) if s == stream => applied,
+            Some((s, applied)) => {
+                return Err(format!(
+                    "this database replicates JetStream stream {s} (applied up to {applied}), not {stream}: \
+                     check cluster.stream_prefix and the tenant's name"
+                ))
+            }
+            None if self.head > 0 => {
+                return Err(format!(
+                    "this database holds {} events that did not come from a JetStream stream: a \
+                     single-node database cannot become a replica; start the node with an empty data \
+                     directory, or from `shardcast backup` of another node (docs/cluster.md)",
+                    self.head
+                ))
+            }
+            None => 0,
+        };
+        self.log = Some(LogState {
+            stream: stream.to_string(),
+            applied,
+        });
+        Ok(applied)
+    }
+
+    /// Cluster mode: the last stream sequence applied (None: single node).
+    pub fn log_applied(&self) -> Option<u64> {
+        self.log.as_ref().map(|l| l.applied)
+    }
+
     pub(super) fn close(mut self) {
         let checkpointer = self.checkpointer.take();
         drop(self);
@@ -182,12 +233,16 @@ impl Store {
     }
 
     /// Write one tenant's share of a group in one transaction and answer
-    /// each of its requests. Returns the events it made durable.
+    /// each of its requests (those of `FOREIGN`, another node's, need none).
+    /// Returns the events it made durable, or why nothing was. `log_seq`
+    /// (cluster mode): the stream sequence these requests end at, committed
+    /// with them.
     pub(super) fn commit(
         &mut self,
         requests: Vec<(usize, AppendRequest)>,
         answers: &mut [Vec<(u64, Reply)>],
-    ) -> Vec<Event> {
+        log_seq: Option<u64>,
+    ) -> Result<Vec<Event>, Failure> {
         if self.index_behind {
             self.resync_index();
         }
@@ -199,7 +254,7 @@ impl Store {
             .collect();
         let mut replies = Vec::with_capacity(requests.len());
         let mut committed = Vec::new();
-        match self.write(requests, &mut replies, &mut committed) {
+        match self.write(requests, &mut replies, &mut committed, log_seq) {
             Ok(written) => {
                 // Positions are contiguous: the head moved by exactly what was written.
                 assert_eq!(
@@ -213,7 +268,9 @@ impl Store {
                     .all(|(i, e)| e.position == before + 1 + i as u64));
                 // Answers only now, after the commit.
                 for (shard, ticket, outcome) in replies {
-                    answers[shard].push((ticket, outcome));
+                    if let Some(a) = answers.get_mut(shard) {
+                        a.push((ticket, outcome));
+                    }
                 }
                 if written > 0 {
                     self.commits += 1;
@@ -223,7 +280,7 @@ impl Store {
                     let unlogged = self.failure_log.clear();
                     tracing::info!(tenant = %self.name, failed_commits_not_logged = unlogged, "group commits succeed again");
                 }
-                committed
+                Ok(committed)
             }
             Err(e) => {
                 if let Some(unlogged) = self.failure_log.occur(std::time::Instant::now()) {
@@ -237,9 +294,11 @@ impl Store {
                     e.message.clone()
                 });
                 for (shard, ticket, kind) in tickets {
-                    answers[shard].push((ticket, Reply::failed(kind, e.message.clone(), e.full)));
+                    if let Some(a) = answers.get_mut(shard) {
+                        a.push((ticket, Reply::failed(kind, e.message.clone(), e.cause())));
+                    }
                 }
-                Vec::new()
+                Err(e.cause())
             }
         }
     }
@@ -249,6 +308,7 @@ impl Store {
         requests: Vec<(usize, AppendRequest)>,
         replies: &mut Vec<(usize, u64, Reply)>,
         committed: &mut Vec<Event>,
+        log_seq: Option<u64>,
     ) -> Result<usize, StorageError> {
         let t0 = Instant::now();
         let tx = self
@@ -289,7 +349,11 @@ impl Store {
             committed.clear();
             drop(w);
             tx.rollback()?;
+            self.log_applied_to(log_seq);
             return Ok(0);
+        }
+        if let (Some(seq), Some(log)) = (log_seq, &self.log) {
+            storage::set_log_applied(&tx, &log.stream, seq)?;
         }
         self.index.set_head(&mut w, next - 1)?;
         let low = prune(
@@ -312,6 +376,7 @@ impl Store {
             self.index_behind = true;
             self.resync_index();
         }
+        self.log_applied_to(log_seq);
         let total = t0.elapsed();
         if total >= SLOW_COMMIT_WARN {
             tracing::warn!(
@@ -325,6 +390,18 @@ impl Store {
             );
         }
         Ok(written)
+    }
+
+    fn log_applied_to(&mut self, seq: Option<u64>) {
+        if let (Some(seq), Some(log)) = (seq, self.log.as_mut()) {
+            // The log is applied in order, each message once.
+            assert!(
+                seq > log.applied,
+                "stream sequence {seq} applied after {}",
+                log.applied
+            );
+            log.applied = seq;
+        }
     }
 
     /// Ready to take appends: the last commit (if any failed) succeeded
@@ -388,6 +465,14 @@ pub(super) struct StorageError {
 }
 
 impl StorageError {
+    fn cause(&self) -> Failure {
+        if self.full {
+            Failure::Full
+        } else {
+            Failure::Storage
+        }
+    }
+
     fn other(message: String) -> StorageError {
         StorageError {
             message,
@@ -668,7 +753,7 @@ mod tests {
     /// Commit one group; the answers by ticket and the events made durable.
     fn commit(store: &mut Store, group: Vec<(usize, AppendRequest)>) -> (Vec<Outcome>, Vec<Event>) {
         let mut answers = vec![Vec::new()];
-        let committed = store.commit(group, &mut answers);
+        let committed = store.commit(group, &mut answers, None).unwrap_or_default();
         let mut answers = std::mem::take(&mut answers[0]);
         answers.sort_by_key(|(t, _)| *t);
         let outcomes = answers

@@ -522,6 +522,9 @@ pub struct SseClient {
     pub retry: Option<u64>,
     /// The last line ended with CR: an LF first in the next read is part of it.
     after_cr: bool,
+    /// A read timing out ends `next` with None instead of failing the test
+    /// (for `next_within`).
+    timeout_ends: bool,
 }
 
 impl SseClient {
@@ -544,6 +547,7 @@ impl SseClient {
             comments: 0,
             retry: None,
             after_cr: false,
+            timeout_ends: false,
         };
         loop {
             if let Some(end) = c.buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -560,7 +564,29 @@ impl SseClient {
     }
 
     fn fill(&mut self) -> bool {
+        if self.timeout_ends {
+            let mut tmp = [0u8; 65536];
+            return match self.stream.read(&mut tmp) {
+                Ok(0) => false,
+                Ok(n) => {
+                    self.buf.extend_from_slice(&tmp[..n]);
+                    true
+                }
+                Err(_) => false,
+            };
+        }
         read_into(&mut self.stream, &mut self.buf)
+    }
+
+    /// The next message if one comes within `wait` (heartbeats do not
+    /// count); None if none did, or the stream ended. A message cut by the
+    /// timeout is lost: for streams whose messages come in one write.
+    pub fn next_within(&mut self, wait: Duration) -> Option<SseMessage> {
+        self.stream.set_read_timeout(Some(wait)).unwrap();
+        self.timeout_ends = true;
+        let m = self.next();
+        self.timeout_ends = false;
+        m
     }
 
     /// The body of a non-SSE (error) answer, by its Content-Length.

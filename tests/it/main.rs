@@ -13,6 +13,7 @@ mod api;
 mod bench_smoke;
 mod browser;
 mod cli;
+mod cluster;
 mod durability;
 mod ebuse;
 mod fanout;

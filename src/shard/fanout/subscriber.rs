@@ -249,6 +249,9 @@ Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: keep-alive\r\n",
         out.extend_from_slice(b"\n\n");
         let mut cursor = match sub.start {
             Start::Live => fanout.last().max(head),
+            // Cluster mode: positions are the cluster's, so an id from another
+            // node that this replica has not applied yet is waited for.
+            Start::After(p) if p > head && shard.cfg.cluster.is_some() => p,
             Start::After(p) if p > head => {
                 // From another history (a restored backup, another server):
                 // say so and go live rather than wait for positions that may never come.

@@ -1,0 +1,173 @@
+//! JetStream → writer: one ordered consumer per tenant, from the sequence
+//! after the last this node applied, handing the writer a batch of
+//! messages at a time (what arrived together, up to
+//! `LOG_BATCH_MESSAGES_MAX`). A message this node published gets its
+//! requests' shards and tickets back from `pending`, so they are answered
+//! once applied; another node's are `FOREIGN`.
+//!
+//! A consumer that fails (NATS restarted, leader moved) is made again from
+//! the last sequence handed over: the writer skips what it already applied,
+//! so each message is applied once. The stream must hold every message
+//! after that sequence: one that starts later (limits removed the
+//! beginning) or ends earlier (recreated) is reported, never skipped over.
+
+use super::{codec, stream_name, Ctx, Replica};
+use crate::limits::{LOG_BATCH_MESSAGES_MAX, LOG_SETUP_RETRY_INTERVAL};
+use crate::writer::{FromLog, LogEntry, FOREIGN};
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use futures_util::{FutureExt, StreamExt};
+use std::rc::Rc;
+
+/// Follow `r`'s stream until the writer is gone.
+pub(super) async fn run(ctx: Rc<Ctx>, r: Replica, to_writer: flume::Sender<FromLog>) {
+    let mut delivered = r.applied;
+    let mut failures = crate::log::Repeated::default();
+    loop {
+        match follow(&ctx, &r, &to_writer, &mut delivered).await {
+            Ok(()) => return,
+            Err(why) => {
+                if let Some(unlogged) = failures.occur(std::time::Instant::now()) {
+                    tracing::warn!(tenant = %r.name, delivered, error = %why, not_logged = unlogged, "following the JetStream stream failed; retrying");
+                }
+                ctx.health.tenant(&r.name, |t| t.problem = Some(why));
+                tokio::time::sleep(LOG_SETUP_RETRY_INTERVAL).await;
+            }
+        }
+    }
+}
+
+/// Ok when the writer hung up; Err with why the consumer must be made again.
+async fn follow(
+    ctx: &Ctx,
+    r: &Replica,
+    to_writer: &flume::Sender<FromLog>,
+    delivered: &mut u64,
+) -> Result<(), String> {
+    let mut stream = super::link::stream(ctx, &r.name).await?;
+    let name = stream_name(&ctx.cfg, &r.name);
+    let state = stream
+        .info()
+        .await
+        .map_err(|e| format!("JetStream stream {name}: {e}"))?
+        .state
+        .clone();
+    if *delivered > state.last_sequence {
+        return Err(format!(
+            "this replica applied JetStream stream {name} up to {delivered}, but the stream ends at {}: \
+             it was recreated or purged, and this data directory belongs to its old history",
+            state.last_sequence
+        ));
+    }
+    if state.last_sequence > *delivered && state.first_sequence > *delivered + 1 {
+        return Err(format!(
+            "JetStream stream {name} starts at {}, but this replica needs {} next: join from \
+             `shardcast backup` of another node (docs/cluster.md)",
+            state.first_sequence,
+            *delivered + 1
+        ));
+    }
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: *delivered + 1,
+            },
+            // Pulls expire (and heartbeats come) this often: a consumer
+            // lost with its NATS server is noticed and made again within
+            // about this, not the client's default 30 s.
+            max_expires: crate::limits::LOG_PULL_EXPIRES,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("cannot create a consumer on {name}: {e}"))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| format!("cannot consume {name}: {e}"))?;
+    ctx.health.tenant(&r.name, |t| t.problem = None);
+    tracing::info!(tenant = %r.name, stream = %name, from = *delivered + 1, last = state.last_sequence, "following the JetStream stream");
+    loop {
+        let first = match messages.next().await {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(format!("consuming {name}: {e}")),
+            None => return Err(format!("the consumer of {name} ended")),
+        };
+        let mut batch = vec![first];
+        while batch.len() < LOG_BATCH_MESSAGES_MAX {
+            match messages.next().now_or_never() {
+                Some(Some(Ok(m))) => batch.push(m),
+                _ => break,
+            }
+        }
+        let mut entries = Vec::with_capacity(batch.len());
+        for m in batch {
+            let seq = m
+                .info()
+                .map_err(|e| format!("a message of {name} without its sequence: {e}"))?
+                .stream_sequence;
+            if seq <= *delivered {
+                continue;
+            }
+            if seq != *delivered + 1 {
+                return Err(format!(
+                    "JetStream stream {name} skipped from {delivered} to {seq}: messages were deleted from it"
+                ));
+            }
+            entries.push(LogEntry {
+                seq,
+                requests: requests(ctx, r, &name, seq, &m),
+            });
+            *delivered = seq;
+        }
+        if entries.is_empty() {
+            continue;
+        }
+        if to_writer
+            .send_async(FromLog {
+                tenant: r.tenant,
+                entries,
+            })
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+        let d = *delivered;
+        ctx.health.tenant(&r.name, |t| t.delivered = d);
+    }
+}
+
+/// A message's requests, this node's own with their tickets. A message
+/// that does not decode is applied as no requests on every node alike.
+fn requests(
+    ctx: &Ctx,
+    r: &Replica,
+    stream: &str,
+    seq: u64,
+    m: &async_nats::jetstream::Message,
+) -> Vec<(usize, crate::writer::AppendRequest)> {
+    let decoded = match codec::decode(&m.payload, r.tenant) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(stream, seq, error = %e.0, "a message of the log is not a shardcast append; skipped (on every node alike)");
+            return Vec::new();
+        }
+    };
+    let origins = m
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+        .and_then(|id| ctx.pending.borrow_mut().remove(id.as_str()))
+        .map(|p| p.origins)
+        .filter(|o| o.len() == decoded.len());
+    match origins {
+        Some(origins) => decoded
+            .into_iter()
+            .zip(origins)
+            .map(|(mut req, o)| {
+                req.ticket = o.ticket;
+                (o.shard, req)
+            })
+            .collect(),
+        None => decoded.into_iter().map(|req| (FOREIGN, req)).collect(),
+    }
+}

@@ -1,0 +1,128 @@
+//! What the cluster thread knows of JetStream, for `/health?mode=readiness`
+//! and `/metrics`: whether NATS is reachable, each tenant's stream as last
+//! probed, how far this replica got, and whether appends are being taken.
+//!
+//! The cluster thread writes it; the writer reads it when asked for
+//! readiness. A mutex, off the request and fan-out paths: only probes,
+//! publishes' outcomes and readiness checks touch it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// A publish failure older than this no longer makes the node unready if
+/// no publish succeeded since (nothing was asked of it meanwhile).
+const PUBLISH_FAILURE_SHOWN: Duration = Duration::from_secs(30);
+
+#[derive(Default)]
+pub struct Health {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    connected: bool,
+    last_publish_ok: Option<Instant>,
+    last_publish_failure: Option<(Instant, String)>,
+    publish_failures: u64,
+    tenants: HashMap<String, TenantLog>,
+}
+
+/// One tenant's stream, as this node sees it.
+#[derive(Debug, Clone, Default)]
+pub struct TenantLog {
+    /// The stream's last sequence at the last probe.
+    pub stream_last: u64,
+    /// The last sequence handed to the writer.
+    pub delivered: u64,
+    /// Why this replica cannot follow the stream (replicas differ, the
+    /// replica is ahead of the stream, a gap), if so: set by the consumer.
+    pub problem: Option<String>,
+    /// Why the stream does not answer now (no quorum, unreachable), if
+    /// so: set by the probe.
+    pub unavailable: Option<String>,
+}
+
+impl Health {
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        // A panic elsewhere while holding it leaves the state readable.
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut s)
+    }
+
+    pub fn set_connected(&self, connected: bool) {
+        self.with(|s| s.connected = connected);
+    }
+
+    pub fn published(&self) {
+        self.with(|s| s.last_publish_ok = Some(Instant::now()));
+    }
+
+    pub fn publish_failed(&self, why: String) {
+        self.with(|s| {
+            s.publish_failures += 1;
+            s.last_publish_failure = Some((Instant::now(), why));
+        });
+    }
+
+    pub fn tenant(&self, name: &str, f: impl FnOnce(&mut TenantLog)) {
+        self.with(|s| f(s.tenants.entry(name.to_string()).or_default()));
+    }
+
+    /// Whether `tenant` can take appends through the log now, or why not.
+    pub fn ready(&self, tenant: &str) -> Result<(), String> {
+        self.with(|s| {
+            if !s.connected {
+                return Err("NATS is unreachable (cluster.nats_urls)".into());
+            }
+            if let Some(t) = s.tenants.get(tenant) {
+                if let Some(p) = t.problem.as_ref().or(t.unavailable.as_ref()) {
+                    return Err(p.clone());
+                }
+            }
+            if let Some((at, why)) = &s.last_publish_failure {
+                let recovered = s.last_publish_ok.is_some_and(|ok| ok > *at);
+                if !recovered && at.elapsed() < PUBLISH_FAILURE_SHOWN {
+                    return Err(format!("JetStream did not take the last append: {why}"));
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// For `/metrics`: (tenant, stream's last sequence, delivered to the
+    /// writer), and publish failures so far.
+    pub fn snapshot(&self) -> (Vec<(String, TenantLog)>, u64) {
+        self.with(|s| {
+            let mut t: Vec<_> = s
+                .tenants
+                .iter()
+                .map(|(n, l)| (n.clone(), l.clone()))
+                .collect();
+            t.sort_by(|a, b| a.0.cmp(&b.0));
+            (t, s.publish_failures)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_follows_connection_problems_and_publishes() {
+        let h = Health::default();
+        assert!(h.ready("a").unwrap_err().contains("unreachable"));
+        h.set_connected(true);
+        assert_eq!(h.ready("a"), Ok(()));
+        h.tenant("a", |t| t.problem = Some("no quorum".into()));
+        assert_eq!(h.ready("a"), Err("no quorum".into()));
+        assert_eq!(h.ready("b"), Ok(()), "another tenant's stream is its own");
+        h.tenant("a", |t| t.problem = None);
+        h.publish_failed("timed out".into());
+        assert!(h.ready("b").unwrap_err().contains("timed out"));
+        h.published();
+        assert_eq!(h.ready("b"), Ok(()), "a later success clears it");
+        assert_eq!(h.snapshot().1, 1);
+    }
+}
