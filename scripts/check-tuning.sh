@@ -3,7 +3,8 @@
 # are installed: nginx -t on tuning/nginx.conf (with a throwaway certificate
 # and scratch paths swapped in), caddy validate on tuning/Caddyfile, and
 # systemd-analyze verify on tuning/shardcast.service (ExecStart pointed at a
-# built binary). A missing tool is reported and skipped; a failing check exits
+# built binary), nats-server -t on tuning/cluster/nats-server.conf and
+# systemd-analyze verify on tuning/cluster/nats-server.service. A missing tool is reported and skipped; a failing check exits
 # non-zero. The profiles themselves are checked by `cargo test --test it profiles::`.
 set -eu
 cd "$(dirname "$0")/.."
@@ -57,5 +58,25 @@ if command -v systemd-analyze >/dev/null 2>&1; then
     fi
 else
     echo "systemd-analyze verify: skipped (not installed)"
+fi
+if command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ]; then
+    nats=$(command -v nats-server || echo /usr/sbin/nats-server)
+    if NATS_NAME=n1 "$nats" -t -c tuning/cluster/nats-server.conf >/dev/null 2>&1; then
+        echo "nats-server -t: tuning/cluster/nats-server.conf ok"
+    else
+        NATS_NAME=n1 "$nats" -t -c tuning/cluster/nats-server.conf || true
+        echo "nats-server -t: tuning/cluster/nats-server.conf FAILED"; status=1
+    fi
+else
+    echo "nats-server -t: skipped (not installed)"
+fi
+if command -v systemd-analyze >/dev/null 2>&1 && [ -x /usr/sbin/nats-server ]; then
+    out=$(systemd-analyze verify tuning/cluster/nats-server.service 2>&1) || true
+    if [ -n "$(printf '%s\n' "$out" | grep -v -e '^$' || true)" ]; then
+        printf '%s\n' "$out"
+        echo "systemd-analyze verify: tuning/cluster/nats-server.service FAILED"; status=1
+    else
+        echo "systemd-analyze verify: tuning/cluster/nats-server.service ok"
+    fi
 fi
 exit $status

@@ -29,6 +29,10 @@ pub struct SseBench {
     pub target: Target,
     /// host:port of the server.
     pub addr: SocketAddr,
+    /// Where events are published, when not `addr` (cluster mode: append on
+    /// other nodes, measure delivery on this one); publisher k uses the
+    /// (k mod len)-th.
+    pub publish_addrs: Vec<SocketAddr>,
     /// Subscribe path (shardcast: `/events/subscribe`; nchan: its sub location).
     pub sub_path: String,
     /// Publish path (shardcast: `/events`; nchan: its pub location).
@@ -337,7 +341,11 @@ fn publish_on_one_connection(
     start: Instant,
 ) -> std::io::Result<(Instant, Instant)> {
     let p = b.publishers.max(1);
-    let mut conn = std::net::TcpStream::connect(b.addr)?;
+    let to = match b.publish_addrs.len() {
+        0 => b.addr,
+        n => b.publish_addrs[k % n],
+    };
+    let mut conn = std::net::TcpStream::connect(to)?;
     conn.set_nodelay(true)?;
     let mut answers = conn.try_clone()?;
     answers.set_read_timeout(Some(Duration::from_secs(60)))?;

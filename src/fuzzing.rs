@@ -571,3 +571,19 @@ pub fn token(data: &[u8]) {
         }
     }
 }
+
+/// `cluster::codec::decode`: bytes as a JetStream message of the log (a
+/// damaged or foreign message on the stream). Never a panic; what decodes
+/// encodes back to exactly the same bytes (so every node, decoding the
+/// same message, applies the same requests).
+pub fn log_message(data: &[u8]) {
+    use crate::cluster::codec;
+    if let Ok(requests) = codec::decode(data, 1) {
+        let mut again = Vec::new();
+        codec::encode(requests.iter(), &mut again);
+        assert_eq!(again, data, "a decoded message encodes back to its bytes");
+        let predicted: usize =
+            codec::HEADER_BYTES + requests.iter().map(codec::encoded_len).sum::<usize>();
+        assert_eq!(predicted, data.len());
+    }
+}

@@ -137,3 +137,9 @@ pub const LOG_PULL_EXPIRES: std::time::Duration = std::time::Duration::from_secs
 /// How often the cluster thread looks for acknowledged appends its replica
 /// has not applied within `cluster.publish_timeout` (answered 503).
 pub const LOG_UNAPPLIED_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+/// Bytes of log messages one JetStream pull asks for, about (messages per
+/// pull = this / the server's max_payload, at least 2).
+pub const LOG_PULL_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// A consumer that delivered nothing for this long while the stream holds
+/// more (twice in a row) is made again.
+pub const LOG_STALL_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);

@@ -189,6 +189,10 @@ struct SseArgs {
     /// The server, as host:port.
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: std::net::SocketAddr,
+    /// Publish here instead of --addr (cluster mode: append on other nodes,
+    /// measure delivery on this one); repeat it to spread the publishers.
+    #[arg(long)]
+    publish_addr: Vec<std::net::SocketAddr>,
     /// shardcast, or nginx with the nchan module.
     #[arg(long, value_enum, default_value = "shardcast")]
     target: TargetArg,
@@ -534,6 +538,7 @@ fn bench_sse(a: SseArgs) -> ExitCode {
     let b = SseBench {
         target,
         addr: a.addr,
+        publish_addrs: a.publish_addr,
         sub_path: a.sub_path.unwrap_or_else(|| sub.to_string()),
         pub_path: a.pub_path.unwrap_or_else(|| publ.to_string()),
         api_key: a.api_key.filter(|k| !k.is_empty()),

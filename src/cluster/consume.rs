@@ -12,7 +12,7 @@
 //! beginning) or ends earlier (recreated) is reported, never skipped over.
 
 use super::{codec, stream_name, Ctx, Replica};
-use crate::limits::{LOG_BATCH_MESSAGES_MAX, LOG_SETUP_RETRY_INTERVAL};
+use crate::limits::{LOG_BATCH_MESSAGES_MAX, LOG_SETUP_RETRY_INTERVAL, LOG_STALL_CHECK_INTERVAL};
 use crate::writer::{FromLog, LogEntry, FOREIGN};
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use futures_util::{FutureExt, StreamExt};
@@ -75,6 +75,11 @@ async fn follow(
             // lost with its NATS server is noticed and made again within
             // about this, not the client's default 30 s.
             max_expires: crate::limits::LOG_PULL_EXPIRES,
+            // Messages one pull asks for: what NATS may have on its way to
+            // this node at once stays near LOG_PULL_BYTES_MAX, far below
+            // the server's 64 MiB per client, past which it cuts a client
+            // that waits for the writer ("slow consumer").
+            max_batch: pull_batch(ctx.client.server_info().max_payload),
             ..Default::default()
         })
         .await
@@ -86,10 +91,23 @@ async fn follow(
     ctx.health.tenant(&r.name, |t| t.problem = None);
     tracing::info!(tenant = %r.name, stream = %name, from = *delivered + 1, last = state.last_sequence, "following the JetStream stream");
     loop {
-        let first = match messages.next().await {
-            Some(Ok(m)) => m,
-            Some(Err(e)) => return Err(format!("consuming {name}: {e}")),
-            None => return Err(format!("the consumer of {name} ended")),
+        let first = match tokio::time::timeout(LOG_STALL_CHECK_INTERVAL, messages.next()).await {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => return Err(format!("consuming {name}: {e}")),
+            Ok(None) => return Err(format!("the consumer of {name} ended")),
+            Err(_) => {
+                // Nothing came: fine if the stream has nothing more. If the
+                // probe saw more, the consumer is stuck (its server cut the
+                // connection, say): make it again rather than wait for the
+                // client library to notice.
+                let behind = stalled(ctx, &r.name, *delivered);
+                if behind {
+                    return Err(format!(
+                        "the consumer of {name} delivered nothing for {LOG_STALL_CHECK_INTERVAL:?} while the stream holds more"
+                    ));
+                }
+                continue;
+            }
         };
         let mut batch = vec![first];
         while batch.len() < LOG_BATCH_MESSAGES_MAX {
@@ -132,8 +150,32 @@ async fn follow(
             return Ok(());
         }
         let d = *delivered;
-        ctx.health.tenant(&r.name, |t| t.delivered = d);
+        ctx.health.tenant(&r.name, |t| {
+            t.delivered = d;
+            t.stalled_checks = 0;
+        });
     }
+}
+
+/// Whether the probe saw the stream hold more than was delivered (twice in
+/// a row: once could be a message on its way).
+fn stalled(ctx: &Ctx, tenant: &str, delivered: u64) -> bool {
+    let mut behind = false;
+    ctx.health.tenant(tenant, |t| {
+        behind = t.stream_last > delivered && t.stalled_checks >= 1;
+        t.stalled_checks = if t.stream_last > delivered {
+            t.stalled_checks + 1
+        } else {
+            0
+        };
+    });
+    behind
+}
+
+/// Messages per pull request for a server whose messages may be up to
+/// `max_payload` bytes.
+fn pull_batch(max_payload: usize) -> i64 {
+    (crate::limits::LOG_PULL_BYTES_MAX / max_payload.max(1)).clamp(2, 500) as i64
 }
 
 /// A message's requests, this node's own with their tickets. A message

@@ -41,6 +41,9 @@ pub struct TenantLog {
     /// Why the stream does not answer now (no quorum, unreachable), if
     /// so: set by the probe.
     pub unavailable: Option<String>,
+    /// Consecutive idle checks of the consumer that found the stream
+    /// holding more than was delivered.
+    pub stalled_checks: u32,
 }
 
 impl Health {

@@ -69,3 +69,8 @@ fn chunked_body() {
 fn token() {
     replay("token", shardcast::fuzzing::token);
 }
+
+#[test]
+fn log_message() {
+    replay("log_message", shardcast::fuzzing::log_message);
+}
