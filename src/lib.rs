@@ -33,6 +33,12 @@
 //!                                      write per wakeup; behind it → SQLite
 //! ```
 //!
+//! Cluster mode (`cluster`, docs/cluster.md): between shard and writer sits
+//! NATS JetStream. The shards' requests go to the `shardcast-nats` thread,
+//! which publishes one message per tenant per wakeup; every node follows
+//! the stream in order and its writer applies each message with the same
+//! rules, so every node holds the same history.
+//!
 //! Beside the path, `storage/checkpoint` copies the WAL into the database on
 //! its own thread, so no commit waits for a checkpoint's fsync; `metrics`
 //! sums the shards' and the writer's own counters when scraped; `cli` holds

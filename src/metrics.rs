@@ -198,6 +198,17 @@ pub struct WriterTenant {
     pub events_appended: u64,
     pub commits: u64,
     pub commit_failures: u64,
+    /// Cluster mode: where this replica stands in the tenant's stream.
+    pub log: Option<LogPosition>,
+}
+
+/// Cluster mode: a replica's place in its JetStream stream.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogPosition {
+    /// The last stream sequence applied.
+    pub applied: u64,
+    /// The stream's last sequence, as last probed.
+    pub stream_last: u64,
 }
 
 /// What the writer reports to a scrape.
@@ -479,6 +490,29 @@ pub fn render(
                 let _ = writeln!(out, "{name}{{tenant=\"{}\"}} {}", label(&t.name), f(t));
             }
         }
+        type LogSeries = (&'static str, &'static str, fn(&LogPosition) -> u64);
+        let log_series: [LogSeries; 2] = [
+            (
+                "shardcast_cluster_applied_sequence",
+                "Cluster mode: the last JetStream stream sequence this replica applied, by tenant.",
+                |l| l.applied,
+            ),
+            (
+                "shardcast_cluster_stream_last_sequence",
+                "Cluster mode: the stream's last sequence as last probed (minus applied: this replica's lag in messages), by tenant.",
+                |l| l.stream_last,
+            ),
+        ];
+        if w.tenants.iter().any(|t| t.log.is_some()) {
+            for (name, help, f) in log_series {
+                header(&mut out, name, "gauge", help);
+                for t in w.tenants.iter().filter(|t| wanted(t.id)) {
+                    if let Some(l) = &t.log {
+                        let _ = writeln!(out, "{name}{{tenant=\"{}\"}} {}", label(&t.name), f(l));
+                    }
+                }
+            }
+        }
     }
     // Per tenant, summed over shards, in the writer's tenant order.
     let mut tenant_ids: Vec<TenantId> = names.iter().map(|(i, _)| *i).collect();
@@ -567,6 +601,7 @@ mod tests {
                     events_appended: 10,
                     commits: 2,
                     commit_failures: 0,
+                    log: None,
                 },
                 WriterTenant {
                     id: 2,
@@ -575,6 +610,7 @@ mod tests {
                     events_appended: 4,
                     commits: 1,
                     commit_failures: 0,
+                    log: None,
                 },
             ],
             ..Default::default()

@@ -196,8 +196,7 @@ pub fn run(cfg: Config, reload: LoadConfig) -> Result<(), StartError> {
     };
     let mut writer = Writer::new(stores, input, writer_control_rx, reply_txs, &cfg);
     if let Some(c) = &cluster {
-        let health = c.health.clone();
-        writer.log_health(Arc::new(move |tenant: &str| health.ready(tenant)));
+        writer.log_health(c.health.clone());
     }
     let writer_cpu = cfg.writer.cpu;
     let writer_thread = std::thread::Builder::new()

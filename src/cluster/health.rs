@@ -108,6 +108,15 @@ impl Health {
     }
 }
 
+impl crate::writer::LogStatus for Health {
+    fn ready(&self, tenant: &str) -> Result<(), String> {
+        Health::ready(self, tenant)
+    }
+    fn stream_last(&self, tenant: &str) -> Option<u64> {
+        self.with(|s| s.tenants.get(tenant).map(|t| t.stream_last))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

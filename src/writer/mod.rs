@@ -41,8 +41,16 @@ pub struct Writer {
     log_health: Option<LogHealth>,
 }
 
-/// Cluster mode: whether `tenant`'s log can take appends now, or why not.
-pub type LogHealth = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+/// Cluster mode: what the cluster thread knows of each tenant's log, for
+/// readiness and scrapes (the writer does not know the cluster otherwise).
+pub trait LogStatus: Send + Sync {
+    /// Whether `tenant`'s log can take appends now, or why not.
+    fn ready(&self, tenant: &str) -> Result<(), String>;
+    /// The last sequence of `tenant`'s stream, as last probed.
+    fn stream_last(&self, tenant: &str) -> Option<u64>;
+}
+
+pub type LogHealth = Arc<dyn LogStatus>;
 
 /// The writer's source of requests.
 pub enum Input {
@@ -146,6 +154,14 @@ impl Writer {
                         events_appended: s.events_appended,
                         commits: s.commits,
                         commit_failures: s.commit_failures,
+                        log: s.log_applied().map(|applied| crate::metrics::LogPosition {
+                            applied,
+                            stream_last: self
+                                .log_health
+                                .as_ref()
+                                .and_then(|h| h.stream_last(&s.name))
+                                .unwrap_or(applied),
+                        }),
                     })
                     .collect();
                 tenants.sort_by_key(|t| t.id);
@@ -167,7 +183,7 @@ impl Writer {
                     .values()
                     .map(|s| {
                         let log = |_| match &self.log_health {
-                            Some(h) => h(&s.name),
+                            Some(h) => h.ready(&s.name),
                             None => Ok(()),
                         };
                         (s.name.clone(), s.ready().and_then(log))

@@ -944,4 +944,68 @@ mod tests {
         assert!(!f.store.index_behind);
         assert_eq!(f.store.index.head().unwrap(), 3);
     }
+
+    /// Cluster mode: the stream sequence is committed with the events it
+    /// produced; a message that wrote nothing moves it in memory only; a
+    /// reopened store resumes after the last sequence that wrote; another
+    /// node's requests (`FOREIGN`) are applied but answered to nobody.
+    #[test]
+    fn a_replica_commits_its_stream_sequence_with_the_events() {
+        let (dir, cfg) = crate::config::for_tests("writer-replica", &[]);
+        let (mut store, _) = Store::open("t", &cfg.database, &cfg.index, &cfg).unwrap();
+        assert_eq!(store.replicate("s_t").unwrap(), 0);
+        let foreign = |id: &str| {
+            let (_, r) = req(9, AppendKind::One, vec![ev(id, None, None)]);
+            (crate::writer::FOREIGN, r)
+        };
+        let mut answers = vec![Vec::new()];
+        let events = store
+            .commit(
+                vec![
+                    req(1, AppendKind::One, vec![ev("a", None, None)]),
+                    foreign("b"),
+                ],
+                &mut answers,
+                Some(3),
+            )
+            .unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(answers[0].len(), 1, "only this node's request is answered");
+        assert_eq!(store.log_applied(), Some(3));
+        // Only a duplicate: nothing written, the sequence moves in memory.
+        let events = store
+            .commit(vec![foreign("a")], &mut answers, Some(4))
+            .unwrap();
+        assert!(events.is_empty());
+        assert_eq!(store.log_applied(), Some(4));
+        store.close();
+
+        let (mut store, _) = Store::open("t", &cfg.database, &cfg.index, &cfg).unwrap();
+        assert_eq!(
+            store.replicate("s_t").unwrap(),
+            3,
+            "resumes after the last sequence that wrote (4 wrote nothing)"
+        );
+        assert!(store
+            .replicate("other_t")
+            .unwrap_err()
+            .contains("replicates JetStream stream s_t"));
+        store.close();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A database with events of its own cannot become a replica.
+    #[test]
+    fn a_single_node_database_is_refused_as_a_replica() {
+        let mut f = open("solo", &[]);
+        commit(
+            &mut f.store,
+            vec![req(1, AppendKind::One, vec![ev("a", None, None)])],
+        );
+        let e = f.store.replicate("s_t").unwrap_err();
+        assert!(
+            e.contains("single-node database cannot become a replica"),
+            "{e}"
+        );
+    }
 }

@@ -737,3 +737,152 @@ fn cluster_settings_are_checked_at_start() {
         assert!(stderr.contains(needle), "{needle}: {stderr}");
     }
 }
+
+/// A log without its colours (ANSI escapes).
+fn plain(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `shardcast` run as a command on node `name`'s data, in cluster mode.
+fn cli(dir: &Path, name: &str, urls: &str, args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DB_PATH", dir.join(name).join("events.db"))
+        .env("SHARDCAST_CLUSTER_NATS_URLS", urls)
+        .output()
+        .expect("run shardcast");
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `shardcast backup` of a node records the sequence it applied; a new node
+/// started from the copy resumes after it (what it applies after the copy
+/// is only what came later: every event once). `shardcast check` compares
+/// a replica with its stream, and refuses one that cannot follow it.
+#[test]
+#[cfg_attr(not(tool_nats), ignore = "needs nats-server")]
+fn a_node_joins_from_a_backup_and_check_compares_with_the_stream() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = TempDir::new("cluster-backup");
+    let nats = NatsCluster::start(dir.path());
+    let urls = nats.urls();
+    let a = node(dir.path(), "a", &urls, &[]);
+    wait_ready(&a, Duration::from_secs(30));
+    for n in 0..20 {
+        assert_eq!(
+            post(&a, "/events", json!({"type":"t","id":format!("b{n}")})).status,
+            200
+        );
+    }
+    // A consumer position travels through the log too.
+    let r = post(
+        &a,
+        "/subscriptions/billing/position",
+        json!({"position": 7}),
+    );
+    assert!(r.status == 200 || r.status == 204, "{}", r.text());
+
+    let (code, said) = cli(dir.path(), "a", &urls, &["check"]);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.contains("applied 21 of stream shardcast_default")
+            && said.contains("can follow, 0 behind"),
+        "{said}"
+    );
+
+    std::fs::create_dir_all(dir.path().join("e")).unwrap();
+    let copy = dir.path().join("e").join("events.db");
+    let (code, said) = cli(
+        dir.path(),
+        "a",
+        &urls,
+        &["backup", "--out", copy.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("up to sequence 21"), "{said}");
+
+    // More happens after the copy; the new node gets it from the stream.
+    for n in 20..30 {
+        assert_eq!(
+            post(&a, "/events", json!({"type":"t","id":format!("b{n}")})).status,
+            200
+        );
+    }
+    let e = node(dir.path(), "e", &urls, &[]);
+    wait_ready(&e, Duration::from_secs(30));
+    let log = plain(&e.stderr());
+    assert!(log.contains("from=22"), "{log}");
+    converge(&[&a, &e], 30, Duration::from_secs(20));
+    let pos = e.get("/subscriptions/billing/position");
+    assert_eq!(pos.status, 200, "{}", pos.text());
+    assert_eq!(pos.json()["position"], 7);
+
+    // A replica ahead of its stream (here: one that replicated another
+    // stream prefix's history) cannot follow it: check says so, exit 4.
+    let out = Command::new(BIN)
+        .args(["check"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DB_PATH", dir.path().join("a").join("events.db"))
+        .env("SHARDCAST_CLUSTER_NATS_URLS", &urls)
+        .env("SHARDCAST_CLUSTER_STREAM_PREFIX", "other")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(4), "{said}");
+    assert!(said.contains("not other_default"), "{said}");
+
+    // A single-node database cannot become a replica: refused at start.
+    let solo = TempDir::new("cluster-solo");
+    let mut s = Server::start(solo.path(), &[]);
+    assert_eq!(post(&s, "/events", json!({"type":"t"})).status, 200);
+    s.terminate(Duration::from_secs(10));
+    let env = vec![("SHARDCAST_CLUSTER_NATS_URLS".to_string(), urls.clone())];
+    let out = Server::command(solo.path(), &env).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("single-node database cannot become a replica"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The shipped three-server NATS configuration is one nats-server accepts.
+#[test]
+#[cfg_attr(not(tool_nats), ignore = "needs nats-server")]
+fn the_shipped_nats_configuration_is_valid() {
+    let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning/cluster/nats-server.conf");
+    let out = Command::new(NATS_BIN)
+        .args(["-t", "-c", conf.to_str().unwrap()])
+        .env("NATS_NAME", "n1")
+        .output()
+        .expect("run nats-server");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
