@@ -572,12 +572,12 @@ pub fn token(data: &[u8]) {
     }
 }
 
-/// `cluster::codec::decode`: bytes as a JetStream message of the log (a
+/// `writer::codec::decode`: bytes as a JetStream message of the log (a
 /// damaged or foreign message on the stream). Never a panic; what decodes
 /// encodes back to exactly the same bytes (so every node, decoding the
 /// same message, applies the same requests).
 pub fn log_message(data: &[u8]) {
-    use crate::cluster::codec;
+    use crate::writer::codec;
     if let Ok(requests) = codec::decode(data, 1) {
         let mut again = Vec::new();
         codec::encode(requests.iter(), &mut again);

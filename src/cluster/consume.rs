@@ -11,9 +11,10 @@
 //! after that sequence: one that starts later (limits removed the
 //! beginning) or ends earlier (recreated) is reported, never skipped over.
 
-use super::{codec, stream_name, Ctx, Replica};
+use super::{stream_name, Ctx, Replica};
 use crate::limits::{LOG_BATCH_MESSAGES_MAX, LOG_SETUP_RETRY_INTERVAL, LOG_STALL_CHECK_INTERVAL};
-use crate::writer::{FromLog, LogEntry, FOREIGN};
+use crate::writer::codec;
+use crate::writer::{with_origins, FromLog, LogEntry};
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use futures_util::{FutureExt, StreamExt};
 use std::rc::Rc;
@@ -51,21 +52,15 @@ async fn follow(
         .map_err(|e| format!("JetStream stream {name}: {e}"))?
         .state
         .clone();
-    if *delivered > state.last_sequence {
-        return Err(format!(
-            "this replica applied JetStream stream {name} up to {delivered}, but the stream ends at {}: \
-             it was recreated or purged, and this data directory belongs to its old history",
-            state.last_sequence
-        ));
+    // The stream must hold every message after the last one delivered.
+    super::StreamState {
+        first: state.first_sequence,
+        last: state.last_sequence,
+        replicas: ctx.cfg.replicas,
+        current: ctx.cfg.replicas,
     }
-    if state.last_sequence > *delivered && state.first_sequence > *delivered + 1 {
-        return Err(format!(
-            "JetStream stream {name} starts at {}, but this replica needs {} next: join from \
-             `shardcast backup` of another node (docs/cluster.md)",
-            state.first_sequence,
-            *delivered + 1
-        ));
-    }
+    .verdict(*delivered)
+    .map_err(|why| format!("JetStream stream {name}: {why}"))?;
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
             deliver_policy: DeliverPolicy::ByStartSequence {
@@ -130,9 +125,12 @@ async fn follow(
                     "JetStream stream {name} skipped from {delivered} to {seq}: messages were deleted from it"
                 ));
             }
+            let (requests, origins) = requests(ctx, r, &name, seq, &m);
             entries.push(LogEntry {
                 seq,
-                requests: requests(ctx, r, &name, seq, &m),
+                requests,
+                payload: m.payload.clone(),
+                origins,
             });
             *delivered = seq;
         }
@@ -178,38 +176,32 @@ fn pull_batch(max_payload: usize) -> i64 {
     (crate::limits::LOG_PULL_BYTES_MAX / max_payload.max(1)).clamp(2, 500) as i64
 }
 
-/// A message's requests, this node's own with their tickets. A message
-/// that does not decode is applied as no requests on every node alike.
+/// Requests with the shard each is answered on (`FOREIGN`: none here).
+type Requests = Vec<(usize, crate::writer::AppendRequest)>;
+
+/// A message's requests, this node's own with their tickets, and those
+/// origins. A message that does not decode is applied as no requests on
+/// every node alike.
 fn requests(
     ctx: &Ctx,
     r: &Replica,
     stream: &str,
     seq: u64,
     m: &async_nats::jetstream::Message,
-) -> Vec<(usize, crate::writer::AppendRequest)> {
+) -> (Requests, Vec<(usize, u64)>) {
     let decoded = match codec::decode(&m.payload, r.tenant) {
         Ok(d) => d,
         Err(e) => {
             tracing::error!(stream, seq, error = %e.0, "a message of the log is not a shardcast append; skipped (on every node alike)");
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         }
     };
-    let origins = m
+    let origins: Vec<(usize, u64)> = m
         .headers
         .as_ref()
         .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
         .and_then(|id| ctx.pending.borrow_mut().remove(id.as_str()))
-        .map(|p| p.origins)
-        .filter(|o| o.len() == decoded.len());
-    match origins {
-        Some(origins) => decoded
-            .into_iter()
-            .zip(origins)
-            .map(|(mut req, o)| {
-                req.ticket = o.ticket;
-                (o.shard, req)
-            })
-            .collect(),
-        None => decoded.into_iter().map(|req| (FOREIGN, req)).collect(),
-    }
+        .map(|p| p.origins.iter().map(|o| (o.shard, o.ticket)).collect())
+        .unwrap_or_default();
+    (with_origins(decoded, &origins), origins)
 }

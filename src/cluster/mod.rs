@@ -21,9 +21,10 @@
 //! shards and the writer over the same flume channels as single-node mode,
 //! so neither knows which mode it is in, beyond the writer's input.
 //! `link` holds the connection, the streams and the health probe, `health`
-//! what readiness and metrics see, `codec` the messages' bytes.
+//! what readiness and metrics see; the messages' bytes are
+//! `writer::codec`'s (the writer decodes a message again should its store
+//! fail to apply it).
 
-pub mod codec;
 mod consume;
 pub mod health;
 mod link;

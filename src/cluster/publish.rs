@@ -6,9 +6,10 @@
 //! answer here: the message comes back through the log (`consume`) and is
 //! answered once this node's replica applied it.
 
-use super::{codec, Ctx, Origin};
+use super::{Ctx, Origin};
 use crate::limits::{LOG_MESSAGE_OVERHEAD_BYTES, LOG_PUBLISH_RETRY_INTERVAL};
 use crate::tenant::TenantId;
+use crate::writer::codec;
 use crate::writer::{AppendRequest, Failure, ToWriter};
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;

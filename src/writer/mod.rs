@@ -7,12 +7,13 @@
 //! then answers: one message per shard per commit. A client's 2xx therefore
 //! always follows the commit of its events (group commit).
 
+pub mod codec;
 mod protocol;
 mod store;
 
 pub use protocol::{
-    AppendKind, AppendRequest, Failure, FromLog, FromWriter, LogEntry, Outcome, PositionOutcome,
-    Published, Reply, ToWriter, WriterControl, FOREIGN,
+    with_origins, AppendKind, AppendRequest, Failure, FromLog, FromWriter, LogEntry, Outcome,
+    PositionOutcome, Published, Reply, ToWriter, WriterControl, FOREIGN,
 };
 pub use store::{LogState, OpenError, Retention, Store};
 
@@ -322,7 +323,18 @@ impl Writer {
             (0..self.shards.len()).map(|_| Vec::new()).collect();
         let (shares, log) = match group {
             Group::Shards(msgs) => (by_tenant(msgs), None),
-            Group::Log(msgs) => (self.log_by_tenant(msgs.clone()), Some(msgs)),
+            Group::Log(msgs) => {
+                // What a retry needs, should a store fail: the messages'
+                // shared payloads, not copies of their events.
+                let skeleton: Vec<FromLog> = msgs
+                    .iter()
+                    .map(|m| FromLog {
+                        tenant: m.tenant,
+                        entries: m.entries.iter().map(LogEntry::skeleton).collect(),
+                    })
+                    .collect();
+                (self.log_by_tenant(msgs), Some(skeleton))
+            }
         };
         self.wakeups += 1;
         let mut published = Vec::new();
@@ -399,10 +411,12 @@ impl Writer {
                 .get(&m.tenant)
                 .and_then(|s| s.log_applied())
                 .unwrap_or(0);
-            for entry in m.entries {
+            for mut entry in m.entries {
                 if entry.seq <= applied {
                     continue;
                 }
+                // A retried group comes as skeletons: decode them again.
+                entry.rebuild(m.tenant);
                 match out.iter_mut().find(|(t, _, _)| *t == m.tenant) {
                     Some((_, seq, reqs)) => {
                         // Stream order within a tenant, as the log delivered it.
@@ -446,4 +460,112 @@ enum Next {
 
 fn count_events(m: &ToWriter) -> usize {
     m.requests.iter().map(|r| r.events.len()).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    //! The writer fed by the log (cluster mode), on a real SQLite file and
+    //! LMDB environment, without NATS.
+    use super::*;
+    use crate::event::NewEvent;
+    use std::time::Duration;
+
+    /// A replica may not skip a message: while its store cannot commit (the
+    /// write lock held from outside), the message waits and its request is
+    /// not answered; once the store recovers it is applied once, answered,
+    /// and the next message follows it.
+    #[test]
+    fn a_replica_retries_a_message_its_store_failed_and_applies_it_once() {
+        let (dir, cfg) = crate::config::for_tests(
+            "writer-stall",
+            &[("SHARDCAST_DATABASE_BUSY_TIMEOUT", "50ms")],
+        );
+        let (mut store, _) = Store::open("t", &cfg.database, &cfg.index, &cfg).unwrap();
+        store.replicate("s_t").unwrap();
+        let (log_tx, log_rx) = flume::bounded(4);
+        let (control_tx, control_rx) = flume::unbounded();
+        let (shard_tx, shard_rx) = flume::unbounded();
+        let writer = Writer::new(
+            HashMap::from([(0, store)]),
+            Input::Log(log_rx),
+            control_rx,
+            vec![shard_tx],
+            &cfg,
+        );
+        let entry = |seq: u64, id: &str, ticket: u64| {
+            let req = AppendRequest {
+                ticket: 0,
+                tenant: 0,
+                kind: AppendKind::One,
+                events: vec![NewEvent {
+                    id: id.into(),
+                    event_type: "t".into(),
+                    data: b"{}".to_vec(),
+                    timestamp: "2026-01-01T00:00:00Z".into(),
+                    stream: None,
+                    expected_version: None,
+                    metadata: None,
+                }],
+                consumer: None,
+            };
+            let mut payload = Vec::new();
+            codec::encode(std::iter::once(&req), &mut payload);
+            let origins = vec![(0, ticket)];
+            LogEntry {
+                seq,
+                requests: with_origins(vec![req], &origins),
+                payload: payload.into(),
+                origins,
+            }
+        };
+        let blocker = rusqlite::Connection::open(&cfg.database.path).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let running = std::thread::spawn(move || writer.run());
+        log_tx
+            .send(FromLog {
+                tenant: 0,
+                entries: vec![entry(1, "a", 5)],
+            })
+            .unwrap();
+        assert!(
+            shard_rx.recv_timeout(Duration::from_millis(700)).is_err(),
+            "no answer while the store cannot commit"
+        );
+        // Readiness says why meanwhile (the writer serves it while stalled).
+        let (ready_tx, ready_rx) = flume::bounded(1);
+        control_tx.send(WriterControl::Ready(ready_tx)).unwrap();
+        let ready = ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(ready[0].1.is_err(), "{ready:?}");
+        blocker.execute_batch("ROLLBACK").unwrap();
+        log_tx
+            .send(FromLog {
+                tenant: 0,
+                entries: vec![entry(2, "b", 6)],
+            })
+            .unwrap();
+        let mut answered = Vec::new();
+        let mut committed = Vec::new();
+        while answered.len() < 2 {
+            let m = shard_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            for (ticket, reply) in m.replies {
+                match reply {
+                    Reply::Append(Outcome::One { event, duplicate }) => {
+                        assert!(!duplicate);
+                        answered.push((ticket, event.position));
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            for p in m.events.iter() {
+                committed.extend(p.events.iter().map(|e| (e.position, e.new.id.clone())));
+            }
+        }
+        assert_eq!(answered, vec![(5, 1), (6, 2)]);
+        assert_eq!(committed, vec![(1, "a".to_string()), (2, "b".to_string())]);
+        drop(log_tx);
+        drop(control_tx);
+        let stats = running.join().unwrap();
+        assert_eq!(stats.events, 2, "each message applied once");
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

@@ -51,6 +51,54 @@ pub struct FromLog {
 pub struct LogEntry {
     pub seq: u64,
     pub requests: Vec<(usize, AppendRequest)>,
+    /// The message as it is in the log (`codec`; shared, not copied) and
+    /// each request's (shard, ticket) when this node published it: what
+    /// rebuilds `requests` if this node's store fails to apply them (the
+    /// commit consumes them).
+    pub payload: bytes::Bytes,
+    pub origins: Vec<(usize, u64)>,
+}
+
+impl LogEntry {
+    /// This entry without its decoded requests (cheap: the payload is shared).
+    pub fn skeleton(&self) -> LogEntry {
+        LogEntry {
+            seq: self.seq,
+            requests: Vec::new(),
+            payload: self.payload.clone(),
+            origins: self.origins.clone(),
+        }
+    }
+
+    /// Decode the requests again from the payload, as the consumer did.
+    pub fn rebuild(&mut self, tenant: TenantId) {
+        if !self.requests.is_empty() {
+            return;
+        }
+        self.requests = with_origins(
+            super::codec::decode(&self.payload, tenant).unwrap_or_default(),
+            &self.origins,
+        );
+    }
+}
+
+/// A message's decoded requests with their origins: this node's own get
+/// their shard and ticket back (when the counts agree), others `FOREIGN`.
+pub fn with_origins(
+    decoded: Vec<AppendRequest>,
+    origins: &[(usize, u64)],
+) -> Vec<(usize, AppendRequest)> {
+    if origins.len() != decoded.len() {
+        return decoded.into_iter().map(|r| (FOREIGN, r)).collect();
+    }
+    decoded
+        .into_iter()
+        .zip(origins)
+        .map(|(mut r, (shard, ticket))| {
+            r.ticket = *ticket;
+            (*shard, r)
+        })
+        .collect()
 }
 
 /// Shard → writer: every request a shard queued since its last message.

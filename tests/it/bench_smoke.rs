@@ -246,3 +246,53 @@ fn bench_sse_many_topics_and_one_at_a_time_run_in_small_mode() {
         }
     }
 }
+
+/// `scripts/bench-cluster.sh` in its small mode: three NATS servers, three
+/// nodes and one single node, one short run of each row, the lag
+/// measurement, and the script's own check that every node holds every
+/// acknowledged event.
+#[test]
+#[cfg_attr(
+    not(all(tool_wrk, tool_nats)),
+    ignore = "needs wrk and nats-server (apt-get install wrk nats-server)"
+)]
+fn bench_cluster_runs_in_small_mode() {
+    let _serial = crate::cluster::SERIAL
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let stdout = run_script(
+        &["wrk"],
+        "bench-cluster.sh",
+        &[
+            ("DURATION", "1s"),
+            ("RUNS", "1"),
+            ("CONNECTIONS", "6"),
+            ("BATCH_SIZE", "20"),
+            ("SUBSCRIBERS", "10"),
+            ("LAG_EVENTS", "100"),
+        ],
+    );
+    for name in [
+        "single_1node",
+        "single_cluster",
+        "batch_1node",
+        "batch_cluster",
+    ] {
+        let m = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("MEDIAN {name} ")))
+            .map(fields)
+            .unwrap_or_else(|| panic!("no MEDIAN {name} line in:\n{stdout}"));
+        assert!(m["events_s"] > 0.0, "{name}: {stdout}");
+        assert_eq!(m["errors"], 0.0, "{name}: {stdout}");
+        assert_eq!(m["non2xx"], 0.0, "{name}: {stdout}");
+    }
+    let lag = stdout
+        .lines()
+        .find(|l| l.starts_with("LAG "))
+        .map(fields)
+        .unwrap_or_else(|| panic!("no LAG line in:\n{stdout}"));
+    assert_eq!(lag["delivery_ratio"], 1.0, "{stdout}");
+    assert!(lag["p99_us"] >= lag["p50_us"], "{stdout}");
+    assert!(stdout.contains("GET /position on each node"), "{stdout}");
+}

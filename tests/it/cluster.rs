@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-static SERIAL: Mutex<()> = Mutex::new(());
+pub static SERIAL: Mutex<()> = Mutex::new(());
 
 const NATS_BIN: &str = "nats-server";
 
@@ -244,6 +244,8 @@ fn load(
             let stop = stop.clone();
             std::thread::spawn(move || {
                 let mut acked = Vec::new();
+                let mut conns: std::collections::HashMap<std::net::SocketAddr, Conn> =
+                    std::collections::HashMap::new();
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
@@ -265,7 +267,9 @@ fn load(
                         serde_json::to_vec(&json!({"type":"s","id":ids[0]})).unwrap()
                     };
                     let path = if batch { "/events/batch" } else { "/events" };
-                    let mut conn = Conn::open(addr);
+                    // One kept-alive connection per node (a new one per
+                    // request would run the box out of ports).
+                    let conn = conns.entry(addr).or_insert_with(|| Conn::open(addr));
                     conn.send_raw(&build_request(
                         "POST",
                         path,
@@ -278,7 +282,10 @@ fn load(
                             std::thread::sleep(Duration::from_millis(100))
                         }
                         Some(r) => panic!("unexpected answer {}: {}", r.status, r.text()),
-                        None => std::thread::sleep(Duration::from_millis(50)),
+                        None => {
+                            conns.remove(&addr);
+                            std::thread::sleep(Duration::from_millis(50))
+                        }
                     }
                 }
                 acked
