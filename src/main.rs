@@ -324,6 +324,14 @@ fn main() -> ExitCode {
             let Some(cfg) = load_once(config) else {
                 return ExitCode::from(2);
             };
+            if cfg.cluster.is_some() {
+                shardcast::say_err!(
+                    "shardcast import: cluster mode is on (cluster.nats_urls): import writes one node's \
+                     files directly, which would make it unlike the others; append the events through \
+                     the API of any node instead (docs/cluster.md)"
+                );
+                return ExitCode::from(2);
+            }
             let target = match shardcast::cli::backup_source(&cfg, tenant.as_deref()) {
                 Ok(t) => t,
                 Err(e) => {

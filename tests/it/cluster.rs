@@ -860,6 +860,16 @@ fn a_node_joins_from_a_backup_and_check_compares_with_the_stream() {
     assert_eq!(out.status.code(), Some(4), "{said}");
     assert!(said.contains("not other_default"), "{said}");
 
+    // `shardcast import` would write one node's files behind the log's back.
+    let (code, said) = cli(
+        dir.path(),
+        "a",
+        &urls,
+        &["import", "--from-ebuse-sqlite", "/nonexistent.db"],
+    );
+    assert_eq!(code, Some(2), "{said}");
+    assert!(said.contains("cluster mode is on"), "{said}");
+
     // A single-node database cannot become a replica: refused at start.
     let solo = TempDir::new("cluster-solo");
     let mut s = Server::start(solo.path(), &[]);
