@@ -860,6 +860,29 @@ fn a_node_joins_from_a_backup_and_check_compares_with_the_stream() {
     assert_eq!(out.status.code(), Some(4), "{said}");
     assert!(said.contains("not other_default"), "{said}");
 
+    // A node configured for another replica count than the stream has is
+    // refused the stream (it is checked, never changed): readiness says why.
+    let w = node(
+        dir.path(),
+        "w",
+        &urls,
+        &[("SHARDCAST_CLUSTER_REPLICAS", "1")],
+    );
+    let start = Instant::now();
+    loop {
+        let r = w.get("/health?mode=readiness");
+        if r.status == 503 && r.text().contains("has 3 replicas, cluster.replicas says 1") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{} {}",
+            r.status,
+            r.text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
     // `shardcast import` would write one node's files behind the log's back.
     let (code, said) = cli(
         dir.path(),
@@ -901,5 +924,78 @@ fn the_shipped_nats_configuration_is_valid() {
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Multi-tenant mode: one JetStream stream per tenant. Two nodes with the
+/// same tenants file: each tenant's history is its own, the same on both
+/// nodes, with its own positions from 1.
+#[test]
+#[cfg_attr(not(tool_nats), ignore = "needs nats-server")]
+fn each_tenant_is_its_own_stream() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = TempDir::new("cluster-tenants");
+    let nats = NatsCluster::start(dir.path());
+    let urls = nats.urls();
+    let start = |name: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let yaml = format!(
+            "data_dir: \"{}\"\ntenants:\n  - name: shop\n    api_key: shop-key-0123456789\n  - name: blog\n    api_key: blog-key-0123456789\n",
+            d.join("tenants").display()
+        );
+        std::fs::write(d.join("tenants.yaml"), yaml).unwrap();
+        let f = d.join("tenants.yaml").display().to_string();
+        node(
+            dir.path(),
+            name,
+            &urls,
+            &[("SHARDCAST_AUTH_TENANTS_FILE", &f)],
+        )
+    };
+    let a = start("a");
+    let b = start("b");
+    for s in [&a, &b] {
+        wait_ready(s, Duration::from_secs(30));
+    }
+    let append = |s: &Server, key: &str, id: &str| {
+        let r = s.conn().request(
+            "POST",
+            "/events",
+            &[("Content-Type", "application/json"), ("X-API-Key", key)],
+            json!({"type":"t","id":id}).to_string().as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["position"].as_u64().unwrap()
+    };
+    assert_eq!(append(&a, "shop-key-0123456789", "s1"), 1);
+    assert_eq!(append(&b, "blog-key-0123456789", "b1"), 1);
+    assert_eq!(append(&b, "shop-key-0123456789", "s2"), 2);
+    for s in [&a, &b] {
+        let start = Instant::now();
+        loop {
+            let shop = s.get_with_key("/events?from=1", "shop-key-0123456789");
+            let blog = s.get_with_key("/events?from=1", "blog-key-0123456789");
+            let ids = |v: &serde_json::Value| -> Vec<String> {
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e["id"].as_str().unwrap().to_string())
+                    .collect()
+            };
+            if ids(&shop) == ["s1", "s2"] && ids(&blog) == ["b1"] {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "shop {shop}, blog {blog}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let log = plain(&a.stderr());
+    assert!(
+        log.contains("stream=shardcast_shop") && log.contains("stream=shardcast_blog"),
+        "{log}"
     );
 }
