@@ -30,7 +30,10 @@ pub(super) async fn run(ctx: Rc<Ctx>, r: Replica, to_writer: flume::Sender<FromL
                 if let Some(unlogged) = failures.occur(std::time::Instant::now()) {
                     tracing::warn!(tenant = %r.name, delivered, error = %why, not_logged = unlogged, "following the JetStream stream failed; retrying");
                 }
-                ctx.health.tenant(&r.name, |t| t.problem = Some(why));
+                ctx.health.tenant(&r.name, |t| {
+                    t.problem = Some(why);
+                    t.following = false;
+                });
                 tokio::time::sleep(LOG_SETUP_RETRY_INTERVAL).await;
             }
         }
@@ -83,7 +86,10 @@ async fn follow(
         .messages()
         .await
         .map_err(|e| format!("cannot consume {name}: {e}"))?;
-    ctx.health.tenant(&r.name, |t| t.problem = None);
+    ctx.health.tenant(&r.name, |t| {
+        t.problem = None;
+        t.following = true;
+    });
     tracing::info!(tenant = %r.name, stream = %name, from = *delivered + 1, last = state.last_sequence, "following the JetStream stream");
     loop {
         let first = match tokio::time::timeout(LOG_STALL_CHECK_INTERVAL, messages.next()).await {

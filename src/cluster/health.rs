@@ -44,6 +44,9 @@ pub struct TenantLog {
     /// Consecutive idle checks of the consumer that found the stream
     /// holding more than was delivered.
     pub stalled_checks: u32,
+    /// The consumer follows the stream now (what this node's own appends
+    /// need to be answered).
+    pub following: bool,
 }
 
 impl Health {
@@ -78,10 +81,16 @@ impl Health {
             if !s.connected {
                 return Err("NATS is unreachable (cluster.nats_urls)".into());
             }
-            if let Some(t) = s.tenants.get(tenant) {
-                if let Some(p) = t.problem.as_ref().or(t.unavailable.as_ref()) {
-                    return Err(p.clone());
+            match s.tenants.get(tenant) {
+                Some(t) => {
+                    if let Some(p) = t.problem.as_ref().or(t.unavailable.as_ref()) {
+                        return Err(p.clone());
+                    }
+                    if !t.following {
+                        return Err("not following its JetStream stream yet".into());
+                    }
                 }
+                None => return Err("its JetStream stream is not set up yet".into()),
             }
             if let Some((at, why)) = &s.last_publish_failure {
                 let recovered = s.last_publish_ok.is_some_and(|ok| ok > *at);
@@ -126,6 +135,11 @@ mod tests {
         let h = Health::default();
         assert!(h.ready("a").unwrap_err().contains("unreachable"));
         h.set_connected(true);
+        assert!(h.ready("a").unwrap_err().contains("not set up yet"));
+        h.tenant("a", |_| {});
+        assert!(h.ready("a").unwrap_err().contains("not following"));
+        h.tenant("a", |t| t.following = true);
+        h.tenant("b", |t| t.following = true);
         assert_eq!(h.ready("a"), Ok(()));
         h.tenant("a", |t| t.problem = Some("no quorum".into()));
         assert_eq!(h.ready("a"), Err("no quorum".into()));

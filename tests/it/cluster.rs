@@ -475,11 +475,34 @@ fn sse_follows_the_cluster_and_resumes_on_any_node() {
         .collect();
     assert_eq!(ids, (1..=20).collect::<Vec<_>>());
 
-    // The mover: 3 s on each node in turn, resuming by Last-Event-ID.
+    // A Last-Event-ID this node has not reached (from a node further
+    // along): no reset, it waits, and goes on after that position.
+    converge(&[&c], 20, Duration::from_secs(10));
+    let mut ahead = SseClient::open(c.addr, "/events/subscribe", &[("Last-Event-ID", "25")]);
+    assert_eq!(ahead.status, 200);
+    for n in 20..30 {
+        assert_eq!(
+            post(&a, "/events", json!({"type":"t","id":format!("e{n}")})).status,
+            200
+        );
+    }
+    let got = ahead.until_id(30);
+    assert!(
+        got.iter().all(|m| m.event.as_deref() != Some("reset")),
+        "{got:?}"
+    );
+    let ids: Vec<u64> = got
+        .iter()
+        .filter_map(|m| m.id.as_deref()?.parse().ok())
+        .collect();
+    assert_eq!(ids, (26..=30).collect::<Vec<_>>());
+    assert_eq!(c.get("/health").status, 200, "the node is still up");
+
+    // The mover: 1.5 s on each node in turn, resuming by Last-Event-ID.
     let stop = Arc::new(AtomicBool::new(false));
     let appenders = load(vec![a.addr, b.addr, c.addr], 2, stop.clone());
     let mut seen: Vec<u64> = Vec::new();
-    let mut last = 20u64;
+    let mut last = 30u64;
     for (hop, s) in [&a, &b, &c, &a, &c].iter().enumerate() {
         let id = last.to_string();
         let mut sub = SseClient::open(s.addr, "/events/subscribe", &[("Last-Event-ID", &id)]);
@@ -499,7 +522,7 @@ fn sse_follows_the_cluster_and_resumes_on_any_node() {
     assert!(!seen.is_empty());
     assert_eq!(
         seen,
-        (21..=last).collect::<Vec<_>>(),
+        (31..=last).collect::<Vec<_>>(),
         "every position once, in order, across five nodes hops"
     );
 }

@@ -31,7 +31,13 @@ impl TempDir {
 }
 
 impl Drop for TempDir {
+    /// Removed, unless the test failed: then its data and logs stay for a
+    /// look (the path is printed).
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test data kept in {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -215,7 +215,15 @@ impl Ring {
                 return after;
             };
             let from = after.saturating_add(1).max(first);
-            for f in self.frames.range((from - first) as usize..) {
+            // A cursor past the newest frame (cluster mode: a Last-Event-ID
+            // this node has not applied yet) has nothing here yet.
+            let Some(skip) = usize::try_from(from - first)
+                .ok()
+                .filter(|n| *n <= self.frames.len())
+            else {
+                return after;
+            };
+            for f in self.frames.range(skip..) {
                 if taken == max {
                     break;
                 }
@@ -435,6 +443,27 @@ mod tests {
         let mut v = Vec::new();
         ring.each_match(f, after, usize::MAX, |fr| v.push(fr.position));
         v
+    }
+
+    /// Cluster mode: a subscriber's cursor may be past the ring's newest
+    /// frame (a Last-Event-ID from a node further along). Nothing is after
+    /// it yet, for any filter, and asking must not panic.
+    #[test]
+    fn a_cursor_past_the_newest_frame_finds_nothing_yet() {
+        let mut ring = Ring::new(8);
+        let typed = filter(&["a"], None);
+        ring.add_reader(&typed);
+        for p in 1..=3 {
+            ring.push(frame(p, "a", None));
+        }
+        for after in [3, 4, 10, u64::MAX - 1, u64::MAX] {
+            assert_eq!(matches(&ring, &filter(&[], None), after), Vec::<u64>::new());
+            assert_eq!(matches(&ring, &typed, after), Vec::<u64>::new());
+            assert!(!ring.has_match(&filter(&[], None), after));
+        }
+        ring.push(frame(4, "a", None));
+        ring.push(frame(5, "a", None));
+        assert_eq!(matches(&ring, &filter(&[], None), 4), vec![5]);
     }
 
     #[test]
