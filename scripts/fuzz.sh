@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing (libFuzzer through cargo-fuzz) of every target in
 # fuzz/, SECONDS each (default 30): request heads, a live in-process server
-# fed byte streams whole and split, chunked bodies, events, query strings, the TOML config
-# and tenants.yaml. Each target's oracle is in src/fuzzing.rs.
+# fed byte streams whole and split, chunked bodies, events, query strings, the TOML config,
+# tenants.yaml and the cluster log's messages. Each target's oracle is in src/fuzzing.rs.
 #
 #   scripts/fuzz.sh            # 30 s per target (what .ci/run does)
 #   scripts/fuzz.sh 600        # 10 minutes per target
