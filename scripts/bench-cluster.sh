@@ -145,14 +145,7 @@ for r in $(seq 1 "$RUNS"); do
 done
 
 echo "# medians of $RUNS runs"
-awk '
-  { name=$1; for (i=2;i<=NF;i++) { split($i,kv,"="); vals[name, kv[1], ++cnt[name, kv[1]]] = kv[2] }
-    if (!(name in names)) order[++nn] = name; names[name]=1 }
-  function median(name, key,   n, i, j, t, a) {
-    n = cnt[name, key]; for (i=1;i<=n;i++) a[i] = vals[name, key, i]
-    for (i=1;i<=n;i++) for (j=i+1;j<=n;j++) if (a[j]+0 < a[i]+0) { t=a[i]; a[i]=a[j]; a[j]=t }
-    return (n % 2) ? a[(n+1)/2] : (a[n/2] + a[n/2+1]) / 2
-  }
+awk "$MEDIANS_AWK"'
   END {
     for (k=1;k<=nn;k++) { nm=order[k]; m[nm] = median(nm, "events_s")
       printf "MEDIAN %s req_s=%.0f events_s=%.0f p50_us=%.0f p99_us=%.0f non2xx=%.0f errors=%.0f\n",

@@ -787,12 +787,24 @@ fn plain(s: &str) -> String {
 
 /// `shardcast` run as a command on node `name`'s data, in cluster mode.
 fn cli(dir: &Path, name: &str, urls: &str, args: &[&str]) -> (Option<i32>, String) {
+    cli_with(dir, name, urls, args, &[])
+}
+
+/// `cli` with more environment.
+fn cli_with(
+    dir: &Path,
+    name: &str,
+    urls: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Option<i32>, String) {
     let out = Command::new(BIN)
         .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DB_PATH", dir.join(name).join("events.db"))
         .env("SHARDCAST_CLUSTER_NATS_URLS", urls)
+        .envs(env.iter().copied())
         .output()
         .expect("run shardcast");
     (
@@ -869,17 +881,14 @@ fn a_node_joins_from_a_backup_and_check_compares_with_the_stream() {
 
     // A replica ahead of its stream (here: one that replicated another
     // stream prefix's history) cannot follow it: check says so, exit 4.
-    let out = Command::new(BIN)
-        .args(["check"])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DB_PATH", dir.path().join("a").join("events.db"))
-        .env("SHARDCAST_CLUSTER_NATS_URLS", &urls)
-        .env("SHARDCAST_CLUSTER_STREAM_PREFIX", "other")
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(out.status.code(), Some(4), "{said}");
+    let (code, said) = cli_with(
+        dir.path(),
+        "a",
+        &urls,
+        &["check"],
+        &[("SHARDCAST_CLUSTER_STREAM_PREFIX", "other")],
+    );
+    assert_eq!(code, Some(4), "{said}");
     assert!(said.contains("not other_default"), "{said}");
 
     // A node configured for another replica count than the stream has is
