@@ -153,11 +153,7 @@ async fn follow(
         {
             return Ok(());
         }
-        let d = *delivered;
-        ctx.health.tenant(&r.name, |t| {
-            t.delivered = d;
-            t.stalled_checks = 0;
-        });
+        ctx.health.tenant(&r.name, |t| t.stalled_checks = 0);
     }
 }
 

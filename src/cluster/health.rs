@@ -1,6 +1,6 @@
 //! What the cluster thread knows of JetStream, for `/health?mode=readiness`
 //! and `/metrics`: whether NATS is reachable, each tenant's stream as last
-//! probed, how far this replica got, and whether appends are being taken.
+//! probed, whether its consumer follows it, and whether appends are taken.
 //!
 //! The cluster thread writes it; the writer reads it when asked for
 //! readiness. A mutex, off the request and fan-out paths: only probes,
@@ -24,7 +24,6 @@ struct State {
     connected: bool,
     last_publish_ok: Option<Instant>,
     last_publish_failure: Option<(Instant, String)>,
-    publish_failures: u64,
     tenants: HashMap<String, TenantLog>,
 }
 
@@ -33,8 +32,6 @@ struct State {
 pub struct TenantLog {
     /// The stream's last sequence at the last probe.
     pub stream_last: u64,
-    /// The last sequence handed to the writer.
-    pub delivered: u64,
     /// Why this replica cannot follow the stream (replicas differ, the
     /// replica is ahead of the stream, a gap), if so: set by the consumer.
     pub problem: Option<String>,
@@ -65,10 +62,7 @@ impl Health {
     }
 
     pub fn publish_failed(&self, why: String) {
-        self.with(|s| {
-            s.publish_failures += 1;
-            s.last_publish_failure = Some((Instant::now(), why));
-        });
+        self.with(|s| s.last_publish_failure = Some((Instant::now(), why)));
     }
 
     pub fn tenant(&self, name: &str, f: impl FnOnce(&mut TenantLog)) {
@@ -99,20 +93,6 @@ impl Health {
                 }
             }
             Ok(())
-        })
-    }
-
-    /// For `/metrics`: (tenant, stream's last sequence, delivered to the
-    /// writer), and publish failures so far.
-    pub fn snapshot(&self) -> (Vec<(String, TenantLog)>, u64) {
-        self.with(|s| {
-            let mut t: Vec<_> = s
-                .tenants
-                .iter()
-                .map(|(n, l)| (n.clone(), l.clone()))
-                .collect();
-            t.sort_by(|a, b| a.0.cmp(&b.0));
-            (t, s.publish_failures)
         })
     }
 }
@@ -149,6 +129,5 @@ mod tests {
         assert!(h.ready("b").unwrap_err().contains("timed out"));
         h.published();
         assert_eq!(h.ready("b"), Ok(()), "a later success clears it");
-        assert_eq!(h.snapshot().1, 1);
     }
 }

@@ -15,7 +15,7 @@ pub use protocol::{
     with_origins, AppendKind, AppendRequest, Failure, FromLog, FromWriter, LogEntry, Outcome,
     PositionOutcome, Published, Reply, ToWriter, WriterControl, FOREIGN,
 };
-pub use store::{LogState, OpenError, Retention, Store};
+pub use store::{OpenError, Retention, Store};
 
 use crate::tenant::TenantId;
 use std::collections::HashMap;
